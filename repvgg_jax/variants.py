@@ -1,0 +1,102 @@
+"""The official RepVGG variants (Ding et al., CVPR 2021, Table 2 and the official repository).
+
+A variant is fixed by four numbers per stage and two flags:
+  * ``num_blocks``: blocks in stage1..stage4 (stage0 is always one block);
+  * ``width_multiplier``: (a, a, a, b); stage widths are 64a, 128a, 256a, 512b and stage0 is min(64, 64a);
+  * ``groups``: the gN variants use N-group convolutions in layers 2, 4, ..., 26, counting blocks from 1 at
+    stage1's first block (stage0 is never grouped);
+  * ``use_se``: D2se puts squeeze-and-excitation on the sum of the branches, before the ReLU.
+"""
+
+import dataclasses
+import difflib
+
+A_DEPTHS = (2, 4, 14, 1)
+B_DEPTHS = (4, 6, 16, 1)
+D_DEPTHS = (8, 14, 24, 1)
+
+# The official rule: every other layer, from the 2nd to the 26th, is grouped in a gN variant.
+GROUPWISE_LAYERS = tuple(range(2, 27, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  num_blocks: tuple[int, int, int, int]
+  width_multiplier: tuple[float, float, float, float]
+  groups: int = 1
+  use_se: bool = False
+
+  def groups_map(self) -> dict[int, int]:
+    """Layer index (1 = stage1's first block) -> number of groups, for grouped layers only."""
+    if self.groups == 1:
+      return {}
+    return {layer: self.groups for layer in GROUPWISE_LAYERS}
+
+
+def _ab(a: float, b: float) -> tuple[float, float, float, float]:
+  return (a, a, a, b)
+
+
+VARIANTS: dict[str, Variant] = {
+    "RepVGG-A0": Variant(A_DEPTHS, _ab(0.75, 2.5)),
+    "RepVGG-A1": Variant(A_DEPTHS, _ab(1, 2.5)),
+    "RepVGG-A2": Variant(A_DEPTHS, _ab(1.5, 2.75)),
+    "RepVGG-B0": Variant(B_DEPTHS, _ab(1, 2.5)),
+    "RepVGG-B1": Variant(B_DEPTHS, _ab(2, 4)),
+    "RepVGG-B1g2": Variant(B_DEPTHS, _ab(2, 4), groups=2),
+    "RepVGG-B1g4": Variant(B_DEPTHS, _ab(2, 4), groups=4),
+    "RepVGG-B2": Variant(B_DEPTHS, _ab(2.5, 5)),
+    "RepVGG-B2g2": Variant(B_DEPTHS, _ab(2.5, 5), groups=2),
+    "RepVGG-B2g4": Variant(B_DEPTHS, _ab(2.5, 5), groups=4),
+    "RepVGG-B3": Variant(B_DEPTHS, _ab(3, 5)),
+    "RepVGG-B3g2": Variant(B_DEPTHS, _ab(3, 5), groups=2),
+    "RepVGG-B3g4": Variant(B_DEPTHS, _ab(3, 5), groups=4),
+    "RepVGG-D2se": Variant(D_DEPTHS, _ab(2.5, 5), use_se=True),
+}
+
+
+def list_models() -> list[str]:
+  """The official variant names, in the paper's order."""
+  return list(VARIANTS)
+
+
+def get_variant(name: str) -> Variant:
+  """Looks a variant up by its official name; an unknown name raises ValueError naming the closest ones."""
+  if name in VARIANTS:
+    return VARIANTS[name]
+  by_lower = {known.lower(): known for known in VARIANTS}
+  close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.5)]
+  hint = f" Did you mean {', '.join(close)}?" if close else ""
+  raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(VARIANTS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """One RepVGG block of the network: its parameter-tree name, output channels, stride and groups."""
+  name: str
+  features: int
+  strides: int
+  groups: int
+
+
+def block_plan(num_blocks, width_multiplier, groups: int = 1) -> list[BlockSpec]:
+  """The blocks of a network, stage0 first, exactly as the official ``RepVGG._make_stage`` lays them out.
+
+  Block names are ``stage0`` and ``stage{s}_{i}`` (the official PyTorch ``stage{s}.{i}``). Every stage
+  starts with a stride-2 block.
+  """
+  a = width_multiplier
+  widths = (int(64 * a[0]), int(128 * a[1]), int(256 * a[2]), int(512 * a[3]))
+  grouped = set(GROUPWISE_LAYERS) if groups > 1 else set()
+  plan = [BlockSpec("stage0", min(64, int(64 * a[0])), 2, 1)]
+  layer = 1
+  for stage, (depth, width) in enumerate(zip(num_blocks, widths), start=1):
+    for i in range(depth):
+      spec = BlockSpec(f"stage{stage}_{i}", width, 2 if i == 0 else 1, groups if layer in grouped else 1)
+      in_channels = plan[-1].features
+      if in_channels % spec.groups or spec.features % spec.groups:
+        raise ValueError(f"{spec.name}: {spec.groups} groups do not divide its {in_channels} input and "
+                         f"{spec.features} output channels; choose width_multiplier or groups to match.")
+      plan.append(spec)
+      layer += 1
+  return plan

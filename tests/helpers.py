@@ -1,0 +1,78 @@
+"""Random weights and random BatchNorm statistics for equivalence tests.
+
+Init values (scale 1, bias 0, mean 0, var 1) would make every BatchNorm an identity and hide fusion bugs,
+so every leaf is drawn afresh, with numpy, from the shapes of the model's variables.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_like(shapes, seed: int = 0, dtype=np.float32):
+  """A tree of random arrays shaped like ``shapes`` (a tree of arrays or ShapeDtypeStructs).
+
+  Kernels ~ N(0, 1/fan_in); BN scale ~ U(0.4, 1.2); bias, mean ~ 0.1 N(0, 1); var ~ U(0.5, 2).
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    shape = leaf.shape
+    if name == "kernel":
+      x = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    elif name == "scale":
+      x = rng.uniform(0.4, 1.2, size=shape)
+    elif name == "var":
+      x = rng.uniform(0.5, 2.0, size=shape)
+    elif name in ("bias", "mean"):
+      x = 0.1 * rng.normal(size=shape)
+    else:
+      raise ValueError(f"unexpected leaf {path}")
+    return jnp.asarray(x.astype(dtype))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_variables(model, input_shape, seed: int = 0, dtype=np.float32):
+  """Random variables of ``model`` for inputs of ``input_shape``, without running its initializers."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, dtype), train=False))
+  return random_like(shapes, seed, dtype)
+
+
+def numpy_conv(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):
+  """Reference grouped 2-D convolution in numpy: x (N, H, W, Cin), kernel (kh, kw, Cin/groups, Cout), NHWC out."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  kh, kw, cin_g, cout = kernel.shape
+  cout_g = cout // groups
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho = (xp.shape[1] - kh) // stride + 1
+  wo = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, cout))
+  for i in range(kh):
+    for j in range(kw):
+      patch = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+      for g in range(groups):
+        out[..., g * cout_g:(g + 1) * cout_g] += patch[..., g * cin_g:(g + 1) * cin_g] @ kernel[i, j, :, g * cout_g:(g + 1) * cout_g]
+  return out
+
+
+def numpy_bn(y, bn_params, bn_stats, eps):
+  """Eval-mode BatchNorm in float64 numpy."""
+  p = {k: np.asarray(v, np.float64) for k, v in bn_params.items()}
+  s = {k: np.asarray(v, np.float64) for k, v in bn_stats.items()}
+  return (y - s["mean"]) / np.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
+
+
+def numpy_block(x, params, stats, stride, groups, eps, use_se=False):
+  """The training-time RepVGG block in eval mode, each branch computed on its own, in float64 numpy."""
+  dense, one = params["rbr_dense"], params["rbr_1x1"]
+  y = numpy_bn(numpy_conv(x, dense["conv"]["kernel"], stride, 1, groups), dense["bn"], stats["rbr_dense"]["bn"], eps)
+  y += numpy_bn(numpy_conv(x, one["conv"]["kernel"], stride, 0, groups), one["bn"], stats["rbr_1x1"]["bn"], eps)
+  if "rbr_identity" in params:
+    y += numpy_bn(np.asarray(x, np.float64), params["rbr_identity"], stats["rbr_identity"], eps)
+  if use_se:
+    se = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in params["se"].items()}
+    s = np.maximum(y.mean(axis=(1, 2)) @ se["down"]["kernel"] + se["down"]["bias"], 0)
+    y = y / (1 + np.exp(-(s @ se["up"]["kernel"] + se["up"]["bias"])))[:, None, None, :]
+  return np.maximum(y, 0)
