@@ -1,0 +1,12 @@
+"""RepVGG-B1g2 on ImageNet, the official 120-epoch recipe.
+
+  python train.py --config=configs/b1g2.py --workdir=runs/b1g2
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "RepVGG-B1g2"
+  return config

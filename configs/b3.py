@@ -1,0 +1,14 @@
+"""RepVGG-B3 on ImageNet: the paper's Table-5 recipe, 200 epochs with stronger augmentation.
+
+  python train.py --config=configs/b3.py --workdir=runs/b3
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "RepVGG-B3"
+  config.num_epochs = 200
+  config.mixup_alpha = 0.2
+  return config

@@ -1,0 +1,48 @@
+"""The official RepVGG ImageNet recipe (Ding et al., CVPR 2021, Sec. 4.1; official train.py).
+
+  python train.py --config=configs/default.py --workdir=runs/a0
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  # Model.
+  config.model = "RepVGG-A0"                 # an official name, see repvgg_jax.list_models()
+  config.model_overrides = ml_collections.ConfigDict()  # create_model overrides, e.g. width_multiplier
+  config.half_precision = False              # bf16 compute; params and BN statistics stay float32
+  # Data.
+  config.dataset = "imagenet2012"            # a TFDS name, or "fashion_mnist" (local IDX files)
+  config.data_dir = ""                       # TFDS data_dir / IDX folder; "" = the library default
+  config.train_split = "train"
+  config.eval_split = "validation"
+  config.image_size = 224                    # RandomResizedCrop output and eval crop size
+  config.crop_area_min = 0.08                # RandomResizedCrop area range (min, 1)
+  config.eval_crop_ratio = 0.875             # eval: resize, then centre crop of 224 / 256 of the short side
+  config.random_flip = True                  # horizontal flip in training
+  config.shuffle_buffer = 16 * 1024          # tf.data shuffle buffer, in examples
+  config.cache = False                       # cache the decoded training split in memory
+  # Optimisation.
+  config.batch_size = 256                    # global batch, over all devices and hosts
+  config.num_epochs = 120                    # 120 for A0-A2, B0, B1; 200 for the Table-5 models
+  config.num_train_steps = -1                # > 0 overrides num_epochs
+  config.optimizer = "sgd"                   # SGD with momentum
+  config.momentum = 0.9
+  config.nesterov = True
+  config.learning_rate = 0.1                 # per 256 images; scaled by batch_size / 256
+  config.warmup_epochs = 5.0                 # linear warm-up, then cosine decay to 0
+  config.weight_decay = 1e-4                 # not on biases nor on the 3x3/1x1 branches' BN scales
+  config.label_smoothing = 0.1
+  config.mixup_alpha = 0.0                   # > 0 enables mixup (the 200-epoch recipe uses 0.2)
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 100
+  config.eval_every_steps = -1               # -1 = once per epoch
+  config.checkpoint_every_steps = 1000
+  config.steps_per_eval = -1                 # -1 = the whole eval split
+  # Multi-host (jax.distributed.initialize); empty = single process or auto-detected cluster.
+  config.coordinator_address = ""
+  config.num_processes = 1
+  config.process_id = 0
+  return config

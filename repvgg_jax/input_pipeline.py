@@ -1,0 +1,226 @@
+"""tf.data input pipelines: ImageNet (or any image TFDS dataset) and offline Fashion-MNIST, one augmentation path.
+
+Sources differ only in how an example's pixels are read (JPEG bytes from TFDS, uint8 arrays from IDX files);
+cropping windows, resizing, flipping, normalisation, sharding per host, shuffling and batching are shared.
+Random ops are stateless and seeded per example, so a pipeline is deterministic for a seed.
+"""
+
+import dataclasses
+import gzip
+import os
+from typing import Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+# TensorFlow is only the input pipeline's engine: it must not grab an accelerator nor compete with XLA's threads.
+try:
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.threading.set_inter_op_parallelism_threads(2)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+except RuntimeError:  # TF was already initialised by the caller; its own settings stand.
+  pass
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where examples come from.
+
+  ``read(split, process_index, process_count)`` -> this process's shard of raw examples {"pixels", "label"};
+  ``num_examples(split)`` counts the whole split from the local files; ``shape(pixels)`` -> (H, W, C);
+  ``crop(pixels, window)`` -> the uint8 (h, w, C) image inside window (y, x, h, w).
+  """
+
+  num_classes: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  num_examples: Callable[[str], int]
+  read: Callable[[str, int, int], tf.data.Dataset]
+  shape: Callable[[tf.Tensor], tf.Tensor]
+  crop: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST from IDX files.
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a (gzipped) IDX file of unsigned bytes, e.g. (N, 28, 28) images or (N,) labels."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+  ndim = data[3]
+  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if body.size != int(np.prod(dims)):
+    raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size} bytes.")
+  return body.reshape(dims)
+
+
+def _fashion_mnist_paths(data_dir: str, split: str) -> tuple[str, str]:
+  if split not in FASHION_MNIST_FILES:
+    raise ValueError(f"Fashion-MNIST has splits {list(FASHION_MNIST_FILES)}; got {split!r}.")
+  paths = tuple(os.path.join(data_dir, name) for name in FASHION_MNIST_FILES[split])
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
+                            "`apt-get install dataset-fashion-mnist` (to /usr/share/datasets/fashion-mnist) or "
+                            "set --config.data_dir to a folder holding the four *-ubyte.gz files.")
+  return paths
+
+
+def fashion_mnist_source(data_dir: str = "") -> Source:
+  """Fashion-MNIST (28x28 grey, 10 classes) read offline from IDX files (Debian's dataset-fashion-mnist)."""
+  data_dir = data_dir or FASHION_MNIST_DIR
+  for split in FASHION_MNIST_FILES:
+    _fashion_mnist_paths(data_dir, split)  # Fail before anything is built.
+
+  def read(split, process_index, process_count):
+    images_path, labels_path = _fashion_mnist_paths(data_dir, split)
+    images, labels = read_idx(images_path)[..., None], read_idx(labels_path).astype(np.int32)
+    if len(images) != len(labels):
+      raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels.")
+    images, labels = images[process_index::process_count], labels[process_index::process_count]
+    return tf.data.Dataset.from_tensor_slices({"pixels": images, "label": labels})
+
+  def num_examples(split):
+    return len(read_idx(_fashion_mnist_paths(data_dir, split)[1]))
+
+  return Source(num_classes=10, channels=1, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                num_examples=num_examples, read=read, shape=tf.shape,
+                crop=lambda pixels, w: pixels[w[0]:w[0] + w[2], w[1]:w[1] + w[3]])
+
+
+# --------------------------------------------------------------------------- TFDS (ImageNet and friends).
+
+IMAGENET_PREPARATION = (
+    "Prepare ImageNet once from the manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+    "<data_dir>/downloads/manual/ and run `tfds build imagenet2012 --data_dir=<data_dir>`.")
+
+
+def tfds_source(name: str, data_dir: str = "") -> Source:
+  """An image-classification TFDS dataset ({"image": JPEG-encoded, "label": int}) already prepared locally."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not tf.io.gfile.exists(builder.data_dir) or not builder.info.splits:
+    hint = IMAGENET_PREPARATION if name.startswith("imagenet") else f"Run `tfds build {name}` first."
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {hint}")
+  channels = builder.info.features["image"].shape[-1]
+  mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+  def read(split, process_index, process_count):
+    shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    ds = builder.as_dataset(split=shard, decoders={"image": tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(shuffle_seed=0))
+    return ds.map(lambda ex: {"pixels": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+
+  def crop(jpeg, window):
+    return tf.image.decode_and_crop_jpeg(jpeg, tf.stack(window), channels=channels)
+
+  return Source(num_classes=builder.info.features["label"].num_classes, channels=channels, mean=mean, std=std,
+                num_examples=lambda split: builder.info.splits[split].num_examples, read=read,
+                shape=lambda jpeg: tf.image.extract_jpeg_shape(jpeg, output_type=tf.int32), crop=crop)
+
+
+def get_source(dataset: str, data_dir: str = "") -> Source:
+  """"fashion_mnist" reads the local IDX files; any other name is a locally prepared TFDS dataset."""
+  return fashion_mnist_source(data_dir) if dataset == "fashion_mnist" else tfds_source(dataset, data_dir)
+
+
+# --------------------------------------------------------------------------- Shared preprocessing.
+
+def random_resized_crop_window(shape, seed, area_min: float, aspect=(3 / 4, 4 / 3)):
+  """Inception-style crop window (y, x, h, w) covering [area_min, 1] of the image with the given aspect range."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)), seed=seed,
+      min_object_covered=area_min, aspect_ratio_range=aspect, area_range=(area_min, 1.0), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def center_crop_window(shape, ratio: float):
+  """Centre square window (y, x, h, w) of ``ratio`` times the short side."""
+  h, w = shape[0], shape[1]
+  side = tf.cast(ratio * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+def _finish(image, size: int, mean, std):
+  image = tf.image.resize(image, (size, size), method="bilinear", antialias=False)
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean)) / tf.constant(std)
+
+
+def preprocess_train(source: Source, example, seed, config):
+  """Raw example -> {"image": (S, S, C) float32 normalised, "label"}: RandomResizedCrop + optional flip."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  window = random_resized_crop_window(source.shape(example["pixels"]), crop_seed, config.crop_area_min)
+  image = source.crop(example["pixels"], window)
+  if config.random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return {"image": _finish(image, config.image_size, source.mean, source.std), "label": example["label"]}
+
+
+def preprocess_eval(source: Source, example, config):
+  """Raw example -> {"image", "label"}: centre crop of ``eval_crop_ratio`` of the short side, resized."""
+  window = center_crop_window(source.shape(example["pixels"]), config.eval_crop_ratio)
+  image = source.crop(example["pixels"], window)
+  return {"image": _finish(image, config.image_size, source.mean, source.std), "label": example["label"]}
+
+
+def train_dataset(source: Source, config, local_batch_size: int, seed: int) -> tf.data.Dataset:
+  """Infinite, shuffled, augmented batches of this process's shard of the training split."""
+  ds = source.read(config.train_split, jax.process_index(), jax.process_count())
+  if config.cache:
+    ds = ds.cache()
+  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed)
+  seeds = tf.data.Dataset.random(seed=seed).batch(2)  # One stateless seed per example.
+  ds = tf.data.Dataset.zip(ds, seeds)
+  ds = ds.map(lambda ex, s: preprocess_train(source, ex, s, config), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 2
+  return ds.with_options(options).prefetch(2)
+
+
+def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict]:
+  """This process's shard of the eval split as numpy batches of exactly ``local_batch_size``.
+
+  The last batches are padded and carry ``mask`` 0 on padding. Every process yields the same number of
+  batches (that of the largest shard), so collective ops in the eval step never wait on a finished host.
+  """
+  ds = source.read(config.eval_split, jax.process_index(), jax.process_count())
+  largest_shard = -(-source.num_examples(config.eval_split) // jax.process_count())
+  num_batches = -(-largest_shard // local_batch_size)
+  if config.steps_per_eval > 0:
+    num_batches = min(num_batches, config.steps_per_eval)
+  ds = ds.map(lambda ex: preprocess_eval(source, ex, config), num_parallel_calls=tf.data.AUTOTUNE)
+  it = iter(ds.batch(local_batch_size).prefetch(2).as_numpy_iterator())
+  for _ in range(num_batches):
+    batch = next(it, None)
+    yield pad_batch(batch, local_batch_size, (config.image_size, config.image_size, source.channels))
+
+
+def pad_batch(batch: Optional[dict], batch_size: int, image_shape) -> dict:
+  """Pads a (possibly missing or short) batch to ``batch_size`` examples; ``mask`` marks the real ones."""
+  if batch is None:
+    batch = {"image": np.zeros((0,) + tuple(image_shape), np.float32), "label": np.zeros((0,), np.int32)}
+  n = len(batch["label"])
+  pad = batch_size - n
+  return {"image": np.concatenate([batch["image"], np.zeros((pad,) + batch["image"].shape[1:], np.float32)]),
+          "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
+          "mask": np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])}

@@ -1,0 +1,318 @@
+"""Data-parallel training of RepVGG, ending in a re-parameterized, verified, evaluated deploy model.
+
+The per-device step is a plain function of (state, batch); the axis name is its only link to ``jax.pmap``,
+so it can move to ``jit``/``shard_map`` unchanged. Gradients are averaged with ``lax.pmean`` and BatchNorm
+statistics are synchronized over the same axis, so N devices compute exactly one step on the whole batch.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import jax_utils
+from flax.training import train_state
+from jax import lax
+
+from repvgg_jax import checkpoints, input_pipeline
+from repvgg_jax.models import create_model
+from repvgg_jax.reparam import reparam
+
+AXIS = "batch"
+EQUIVALENCE_RTOL = 1e-4  # train form vs deploy form, relative to the largest logit, float32.
+
+
+class ConfigError(ValueError):
+  """A mistake in the configuration or the workdir, found before anything is compiled."""
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # Raw uint32 key data, so it checkpoints like any array.
+
+
+# --------------------------------------------------------------------------- Optimisation.
+
+def weight_decay_mask(params) -> Any:
+  """True where weight decay applies, as in the official train.py: every kernel and the identity branch's BN
+  scale; not biases, nor the BN scales of the 3x3 and 1x1 branches (``.../bn/scale``)."""
+
+  def decays(path, _):
+    names = [getattr(p, "key", str(p)) for p in path]
+    return names[-1] != "bias" and not (names[-1] == "scale" and "bn" in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate * batch_size / 256``, then cosine decay to 0 at ``num_steps``."""
+  peak = config.learning_rate * config.batch_size / 256
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
+
+
+def create_optimizer(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  # PyTorch's SGD adds the decay to the gradient before momentum: so does this order.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, weight_decay_mask),
+                     optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def smoothed_targets(labels, num_classes: int, smoothing: float):
+  """(N,) int labels -> (N, num_classes) targets with label smoothing."""
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else jax.nn.one_hot(
+      labels, num_classes)
+
+
+def mixup(rng, images, targets, alpha: float):
+  """Mixes each example with the batch reversed, with one Beta(alpha, alpha) weight per batch."""
+  lam = jax.random.beta(rng, alpha, alpha)
+  return lam * images + (1 - lam) * images[::-1], lam * targets + (1 - lam) * targets[::-1]
+
+
+# --------------------------------------------------------------------------- Steps (per device).
+
+def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
+               label_smoothing: float = 0.0, mixup_alpha: float = 0.0, axis_name: str = AXIS):
+  """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,)."""
+  images = batch["image"]
+  targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
+  if mixup_alpha > 0:
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+    images, targets = mixup(rng, images, targets.astype(images.dtype), mixup_alpha)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                     mutable=["batch_stats"])
+    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, axis_name)
+  metrics = lax.pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}, axis_name)
+  metrics["learning_rate"] = learning_rate(state.step)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str = AXIS) -> dict:
+  """Sums over all devices of correct predictions, cross-entropy and real examples (``mask``) in a batch."""
+  logits = apply_fn(variables, batch["image"], train=False)
+  mask = batch["mask"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return lax.psum({"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+                   "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}, axis_name)
+
+
+# --------------------------------------------------------------------------- Set-up and checks.
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects unknown fields and impossible settings, before any device work."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  unknown = sorted(set(config.keys()) - set(default.get_config().keys()))
+  if unknown:
+    raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for the fields.")
+  if config.batch_size % jax.device_count():
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices.")
+  if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
+    raise ConfigError("checkpoint_every_steps and log_every_steps must be positive.")
+
+
+def model_from_config(config, num_classes: int, *, deploy: bool = False, half_precision: Optional[bool] = None):
+  half = config.half_precision if half_precision is None else half_precision
+  try:
+    return create_model(config.model, num_classes=num_classes, deploy=deploy,
+                        dtype=jnp.bfloat16 if half else jnp.float32, bn_axis_name=None if deploy else AXIS,
+                        **config.model_overrides.to_dict())
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, jnp.zeros((1,) + image_shape))
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                           batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng))
+
+
+def shard(batch: dict) -> dict:
+  """(local_batch, ...) numpy arrays -> (local_devices, local_batch / local_devices, ...)."""
+  n = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+
+class MetricWriter:
+  """Writes metrics to ``<workdir>/metrics.jsonl`` (one JSON object per line) and TensorBoard; process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if self.active:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.active:
+      return
+    values = {k: float(v) for k, v in metrics.items()}
+    with open(self._path, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+    with self._tb.as_default(step=int(step)):
+      for k, v in values.items():
+        self._tf.summary.scalar(f"{split}/{k}", v)
+    self._tb.flush()
+
+
+def evaluate(p_eval_step, variables, batches) -> dict:
+  """Accuracy and mean loss over all batches; ``variables`` replicated, batches host-local numpy."""
+  totals = None
+  for batch in batches:
+    sums = p_eval_step(variables, shard(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
+  count = max(totals["count"], 1.0)
+  return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+def check_equivalence(train_model, deploy_model, variables: dict, deploy_params: dict, images) -> float:
+  """Asserts eval-mode train form == deploy form on ``images`` (float32); returns the max relative error."""
+  y_train = jax.jit(functools.partial(train_model.apply, train=False))(variables, images)
+  y_deploy = jax.jit(deploy_model.apply)({"params": deploy_params}, images)
+  scale = float(jnp.abs(y_train).max()) or 1.0
+  try:
+    chex.assert_trees_all_close(y_deploy, y_train, rtol=EQUIVALENCE_RTOL, atol=EQUIVALENCE_RTOL * scale)
+  except AssertionError as e:
+    raise RuntimeError(f"Re-parameterization broke equivalence on a held-out batch: {e}") from e
+  return float(jnp.abs(y_deploy - y_train).max()) / scale
+
+
+def _format_duration(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------- The loop.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, checkpoints, resumes, then re-parameterizes, verifies, evaluates and saves the deploy model.
+
+  Returns the final metrics: train-form and deploy-form eval accuracy, steps, and the equivalence error.
+  """
+  if config.coordinator_address:
+    jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+  validate_config(config)
+  source = input_pipeline.get_source(config.dataset, config.data_dir)
+  model = model_from_config(config, source.num_classes)
+  image_shape = (config.image_size, config.image_size, source.channels)
+  # Through JSON, so tuples compare equal to the lists a restored record holds.
+  meta = json.loads(json.dumps({"model": config.model, "model_overrides": config.model_overrides.to_dict(),
+                                "num_classes": source.num_classes, "image_shape": image_shape}))
+  manager = checkpoints.checkpoint_manager(workdir)
+  previous = checkpoints.restore_meta(manager)
+  if previous is not None and previous[1] != meta:
+    raise ConfigError(f"{workdir} holds a checkpoint (step {previous[0]}) of {previous[1]}, not of {meta}; "
+                      "use another --workdir.")
+
+  steps_per_epoch = source.num_examples(config.train_split) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"batch_size {config.batch_size} exceeds the training split.")
+  num_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  learning_rate = learning_rate_schedule(config, steps_per_epoch, num_steps)
+  state = create_train_state(jax.random.key(config.seed), config, model, image_shape,
+                             create_optimizer(config, learning_rate))
+  if previous is not None:
+    state = checkpoints.restore_state(manager, previous[0], state)
+    logging.info("Resumed from step %d", int(state.step))
+  start_step = int(state.step)
+  state = jax_utils.replicate(state)
+
+  p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
+                                            num_classes=source.num_classes, label_smoothing=config.label_smoothing,
+                                            mixup_alpha=config.mixup_alpha),
+                          axis_name=AXIS, donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
+  local_batch = config.batch_size // jax.process_count()
+  # A resumed run draws a fresh data order rather than replaying the consumed prefix of the stream.
+  train_iter = jax_utils.prefetch_to_device(
+      map(shard, input_pipeline.train_dataset(source, config, local_batch, config.seed + start_step)
+          .as_numpy_iterator()), 2)
+  writer = MetricWriter(workdir)
+  eval_metrics, pending, window_start = None, [], time.time()
+
+  def flush(step):
+    """Logs the steps since the last flush; stops on a non-finite loss before anything is saved."""
+    nonlocal pending, window_start
+    if not pending:
+      return
+    history = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending])
+    losses = np.array([h["loss"] for h in history])
+    if not np.all(np.isfinite(losses)):
+      bad = step - len(pending) + 1 + int(np.argmin(np.isfinite(losses)))
+      raise FloatingPointError(f"Loss became non-finite at step {bad}; stopping. The last good checkpoint "
+                               f"(step {manager.latest_step()}) is kept in {manager.directory}.")
+    elapsed = time.time() - window_start
+    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+    summary["images_per_sec"] = len(pending) * config.batch_size / elapsed
+    eta = (num_steps - step) * elapsed / len(pending)
+    logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f images/s %.0f ETA %s", step, num_steps,
+                 step / steps_per_epoch, summary["loss"], summary["accuracy"], summary["images_per_sec"],
+                 _format_duration(eta))
+    writer.write(step, "train", summary)
+    pending, window_start = [], time.time()
+
+  for step in range(start_step + 1, num_steps + 1):
+    state, metrics = p_train_step(state, next(train_iter))
+    pending.append(metrics)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      flush(step)
+    evaluated = step % eval_every == 0 or step == num_steps
+    if evaluated:
+      flush(step)
+      eval_metrics = evaluate(p_eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                              input_pipeline.eval_batches(source, config, local_batch))
+      logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
+      writer.write(step, "eval", eval_metrics)
+    if evaluated or step % config.checkpoint_every_steps == 0:
+      flush(step)
+      checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), meta,
+                       eval_metrics["accuracy"] if evaluated else None)
+      window_start = time.time()  # Checkpoint and eval time is not training throughput.
+  return finish(config, workdir, source, jax_utils.unreplicate(state), eval_metrics, writer)
+
+
+def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:
+  """reparam -> equivalence check on a held-out batch -> deploy evaluation on the whole split -> save."""
+  train_model = model_from_config(config, source.num_classes, half_precision=False)
+  deploy_model = model_from_config(config, source.num_classes, deploy=True, half_precision=False)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  deploy_params = jax.jit(functools.partial(reparam, eps=train_model.bn_epsilon))(state.params, state.batch_stats)
+  local_batch = config.batch_size // jax.process_count()
+  full_eval = config.copy_and_resolve_references()
+  full_eval.steps_per_eval = -1
+  held_out = next(input_pipeline.eval_batches(source, full_eval, local_batch))
+  max_rel_error = check_equivalence(train_model, deploy_model, variables, deploy_params, held_out["image"])
+  deploy_step = jax.pmap(functools.partial(eval_step, model_from_config(config, source.num_classes,
+                                                                         deploy=True).apply), axis_name=AXIS)
+  deploy_metrics = evaluate(deploy_step, jax_utils.replicate({"params": deploy_params}),
+                            input_pipeline.eval_batches(source, full_eval, local_batch))
+  step = int(state.step)
+  if jax.process_index() == 0:
+    checkpoints.save_params(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))
+  train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
+  logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
+               "form %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
+               deploy_metrics["accuracy"], deploy_metrics["count"], os.path.join(workdir, "deploy"))
+  writer.write(step, "deploy", {"accuracy": deploy_metrics["accuracy"], "loss": deploy_metrics["loss"],
+                                "count": deploy_metrics["count"], "train_form_accuracy": train_accuracy,
+                                "max_relative_error": max_rel_error})
+  return {"step": step, "train_form_accuracy": train_accuracy, "deploy_accuracy": deploy_metrics["accuracy"],
+          "max_relative_error": max_rel_error}

@@ -1,0 +1,26 @@
+"""Trains RepVGG: python train.py --config=configs/a0.py --workdir=runs/a0 [--config.field=value ...]"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from repvgg_jax import training
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the deploy model.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (training.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
