@@ -110,16 +110,28 @@ IMAGENET_PREPARATION = (
     "<data_dir>/downloads/manual/ and run `tfds build imagenet2012 --data_dir=<data_dir>`.")
 
 
-def tfds_source(name: str, data_dir: str = "") -> Source:
+# The canonical sizes, so that nothing depends on the metadata a preparation wrote.
+KNOWN_SPLIT_SIZES = {"imagenet2012": {"train": 1281167, "validation": 50000}}
+
+
+def tfds_source(name: str, data_dir: str = "", splits=("train", "validation")) -> Source:
   """An image-classification TFDS dataset ({"image": JPEG-encoded, "label": int}) already prepared locally."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder = tfds.builder(name, data_dir=data_dir or None)
-  if not tf.io.gfile.exists(builder.data_dir) or not builder.info.splits:
-    hint = IMAGENET_PREPARATION if name.startswith("imagenet") else f"Run `tfds build {name}` first."
-    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {hint}")
+  for split in splits:
+    try:
+      builder.as_dataset(split=split)
+    except Exception as e:  # pylint: disable=broad-except
+      hint = IMAGENET_PREPARATION if name.startswith("imagenet") else f"Run `tfds build {name}` first."
+      raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not readable in {builder.data_dir} "
+                              f"({type(e).__name__}). {hint}") from e
   channels = builder.info.features["image"].shape[-1]
   mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+  def num_examples(split):
+    known = KNOWN_SPLIT_SIZES.get(name, {})
+    return known[split] if split in known else builder.info.splits[split].num_examples
 
   def read(split, process_index, process_count):
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
@@ -131,13 +143,14 @@ def tfds_source(name: str, data_dir: str = "") -> Source:
     return tf.image.decode_and_crop_jpeg(jpeg, tf.stack(window), channels=channels)
 
   return Source(num_classes=builder.info.features["label"].num_classes, channels=channels, mean=mean, std=std,
-                num_examples=lambda split: builder.info.splits[split].num_examples, read=read,
+                num_examples=num_examples, read=read,
                 shape=lambda jpeg: tf.image.extract_jpeg_shape(jpeg, output_type=tf.int32), crop=crop)
 
 
-def get_source(dataset: str, data_dir: str = "") -> Source:
-  """"fashion_mnist" reads the local IDX files; any other name is a locally prepared TFDS dataset."""
-  return fashion_mnist_source(data_dir) if dataset == "fashion_mnist" else tfds_source(dataset, data_dir)
+def get_source(dataset: str, data_dir: str = "", splits=("train", "validation")) -> Source:
+  """"fashion_mnist" reads the local IDX files; any other name is a locally prepared TFDS dataset whose
+  ``splits`` must be readable."""
+  return fashion_mnist_source(data_dir) if dataset == "fashion_mnist" else tfds_source(dataset, data_dir, splits)
 
 
 # --------------------------------------------------------------------------- Shared preprocessing.

@@ -209,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.coordinator_address:
     jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
   validate_config(config)
-  source = input_pipeline.get_source(config.dataset, config.data_dir)
+  source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
   image_shape = (config.image_size, config.image_size, source.channels)
   # Through JSON, so tuples compare equal to the lists a restored record holds.

@@ -1,0 +1,61 @@
+"""One training step on 8 simulated CPU devices vs on 1 device with the whole batch; exits non-zero if they differ.
+
+Run as a script (the device count must be fixed before JAX starts): python tests/multidevice_step.py
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+
+from configs import quickstart
+from repvgg_jax import training
+
+
+def one_step(state, batch, devices, learning_rate):
+  step = jax.pmap(functools.partial(training.train_step, learning_rate=learning_rate, num_classes=10,
+                                    label_smoothing=0.1), axis_name=training.AXIS, devices=devices)
+  n = len(devices)
+  sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+  new_state, metrics = step(jax_utils.replicate(state, devices), sharded)
+  replicas = jax.device_get(new_state)
+  for i in range(1, n):  # Every replica holds the same state: gradients and BN statistics were synchronized.
+    chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], replicas), jax.tree.map(lambda x: x[0], replicas))
+  return jax.tree.map(lambda x: x[0], replicas), jax.device_get(metrics)
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  config = quickstart.get_config()
+  config.model_overrides.num_blocks = (1, 2, 1, 1)
+  model = training.model_from_config(config, num_classes=10)
+  learning_rate = training.learning_rate_schedule(config, steps_per_epoch=10, num_steps=100)
+  state = training.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
+                                      training.create_optimizer(config, learning_rate))
+  state = state.replace(step=7)  # Past warm-up's first step, so the learning rate is not 0.
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, size=32), jnp.int32)}
+  eight, m8 = one_step(state, batch, jax.devices(), learning_rate)
+  one, m1 = one_step(state, batch, jax.devices()[:1], learning_rate)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params)))
+  assert moved > 1e-4, "the step did not change the parameters"
+  for name in ("params", "opt_state", "batch_stats"):
+    chex.assert_trees_all_close(getattr(eight, name), getattr(one, name), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats)), jax.tree.leaves((one.params, one.batch_stats))))
+  print(f"OK 8 devices == 1 device after one step; max abs difference {worst:.2e}")
+
+
+if __name__ == "__main__":
+  main()

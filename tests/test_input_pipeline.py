@@ -1,0 +1,98 @@
+"""Spec of the input pipelines: IDX parsing, shared augmentation, determinism, per-host shards, full eval."""
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from repvgg_jax import input_pipeline as ip
+from tests.helpers import write_fake_fashion_mnist, write_idx
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+  return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+def _config(data_dir, **overrides):
+  config = quickstart.get_config()
+  config.data_dir = data_dir
+  config.shuffle_buffer = 64
+  config.update(overrides)
+  return config
+
+
+def test_read_idx_round_trips(tmp_path):
+  array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  write_idx(str(tmp_path / "a.gz"), array)
+  np.testing.assert_array_equal(ip.read_idx(str(tmp_path / "a.gz")), array)
+
+
+def test_read_idx_rejects_a_file_of_another_format(tmp_path):
+  (tmp_path / "bad").write_bytes(b"\x89PNG not an idx file")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    ip.read_idx(str(tmp_path / "bad"))
+
+
+def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"):
+    ip.get_source("fashion_mnist", str(tmp_path))
+
+
+def test_unprepared_tfds_dataset_explains_the_manual_preparation(tmp_path):
+  with pytest.raises(FileNotFoundError, match="imagenet2012.*manual"):
+    ip.get_source("imagenet2012", str(tmp_path))
+
+
+def test_split_sizes_come_from_the_local_files(fmnist_dir):
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+  assert (source.num_examples("train"), source.num_examples("test")) == (256, 72)
+
+
+def test_train_batches_are_normalised_augmented_and_deterministic_for_a_seed(fmnist_dir):
+  source, config = ip.get_source("fashion_mnist", fmnist_dir), _config(fmnist_dir)
+  first = [next(ip.train_dataset(source, config, 32, seed=s).as_numpy_iterator()) for s in (0, 0, 1)]
+  assert first[0]["image"].shape == (32, 28, 28, 1) and first[0]["image"].dtype == np.float32
+  assert first[0]["label"].dtype == np.int32
+  np.testing.assert_array_equal(first[0]["image"], first[1]["image"])
+  assert not np.array_equal(first[0]["image"], first[2]["image"])
+  assert abs(float(first[0]["image"].mean())) < 1.5 and 0.3 < float(first[0]["image"].std()) < 3
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask(fmnist_dir):
+  source, config = ip.get_source("fashion_mnist", fmnist_dir), _config(fmnist_dir, eval_crop_ratio=1.0)
+  batches = list(ip.eval_batches(source, config, 32))
+  assert len(batches) == 3 and all(b["image"].shape == (32, 28, 28, 1) for b in batches)
+  assert sum(b["mask"].sum() for b in batches) == 72
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(labels, ip.read_idx(f"{fmnist_dir}/t10k-labels-idx1-ubyte.gz"))
+  # Eval is the whole image, unaugmented: the class row stays bright where the label puts it.
+  rows = np.argmax(batches[0]["image"][..., 0].mean(axis=2), axis=1)
+  np.testing.assert_array_equal(rows, 2 * batches[0]["label"] + 4)
+
+
+def test_process_shards_partition_the_split(fmnist_dir):
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+  shards = [list(source.read("test", i, 3).as_numpy_iterator()) for i in range(3)]
+  assert sorted(len(s) for s in shards) == [24, 24, 24]
+  pixels = np.concatenate([[ex["pixels"] for ex in s] for s in shards])
+  assert len({p.tobytes() for p in pixels}) == len(pixels) == 72
+
+
+def test_imagenet_path_decodes_crops_and_resizes_tfds_jpegs():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = _config("", dataset="imagenet2012", image_size=64, crop_area_min=0.08, eval_crop_ratio=0.875,
+                   train_split="train", eval_split="validation", steps_per_eval=1)
+  with tfds.testing.mock_data(num_examples=8):
+    source = ip.get_source("imagenet2012")
+    assert source.num_classes == 1000 and source.channels == 3
+    batch = next(ip.train_dataset(source, config, 4, seed=0).as_numpy_iterator())
+    assert batch["image"].shape == (4, 64, 64, 3)
+    eval_batch = next(ip.eval_batches(source, config, 4))
+    assert eval_batch["image"].shape == (4, 64, 64, 3) and eval_batch["mask"].sum() == 4
+
+
+def test_pad_batch_pads_with_masked_zeros():
+  batch = {"image": np.ones((3, 2, 2, 1), np.float32), "label": np.array([1, 2, 3], np.int32)}
+  padded = ip.pad_batch(batch, 5, (2, 2, 1))
+  np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0, 0])
+  assert padded["image"].shape == (5, 2, 2, 1) and padded["image"][3:].sum() == 0

@@ -1,0 +1,228 @@
+"""Spec of training: the recipe's pieces, data parallelism, checkpoints and resume, the deploy hand-off, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import repvgg_jax as rv
+from configs import default, quickstart
+from repvgg_jax import checkpoints, training
+from tests.helpers import write_fake_fashion_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+  return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+def tiny_config(data_dir, **overrides):
+  """Quickstart on the fake files, with a 4-block network and a few steps."""
+  config = quickstart.get_config()
+  config.data_dir = data_dir
+  config.model_overrides.num_blocks = (1, 1, 1, 1)
+  config.shuffle_buffer = 256
+  config.batch_size = 32
+  config.num_train_steps = 6
+  config.log_every_steps = 2
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+def tiny_flags(data_dir, **overrides):
+  flags = {"data_dir": data_dir, "model_overrides.num_blocks": "(1,1,1,1)", "shuffle_buffer": 256,
+           "batch_size": 32, "num_train_steps": 6, "log_every_steps": 2, "eval_every_steps": 3,
+           "checkpoint_every_steps": 2}
+  flags.update(overrides)
+  return [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------- The recipe.
+
+def test_weight_decay_skips_biases_and_the_conv_branches_bn_scales_only():
+  model = rv.create_model("RepVGG-D2se", num_classes=3, width_multiplier=(0.25, 0.25, 0.25, 0.25),
+                          num_blocks=(2, 1, 1, 1))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  mask = training.weight_decay_mask(params)
+  block = mask["stage1_1"]
+  assert block["rbr_dense"]["conv"]["kernel"] and block["rbr_1x1"]["conv"]["kernel"]
+  assert not block["rbr_dense"]["bn"]["scale"] and not block["rbr_1x1"]["bn"]["scale"]
+  assert not block["rbr_dense"]["bn"]["bias"] and not block["rbr_identity"]["bias"]
+  assert block["rbr_identity"]["scale"]  # As in the official code: the identity BN's scale is decayed.
+  assert block["se"]["down"]["kernel"] and not block["se"]["down"]["bias"]
+  assert mask["linear"]["kernel"] and not mask["linear"]["bias"]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine():
+  config = default.get_config()
+  config.batch_size = 512
+  schedule = training.learning_rate_schedule(config, steps_per_epoch=100, num_steps=1000)
+  peak = 0.1 * 512 / 256
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(250)) == pytest.approx(peak / 2)
+  assert float(schedule(500)) == pytest.approx(peak)
+  assert float(schedule(750)) == pytest.approx(peak / 2, rel=1e-4)  # Half-way through the cosine.
+  assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_official_configs_hold_the_recipe():
+  config = default.get_config()
+  assert (config.momentum, config.nesterov, config.learning_rate, config.weight_decay) == (0.9, True, 0.1, 1e-4)
+  assert (config.label_smoothing, config.warmup_epochs, config.num_epochs, config.image_size) == (0.1, 5, 120, 224)
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name in rv.list_models():
+    module = importlib.import_module(f"configs.{name.split('-')[1].lower()}")
+    variant = module.get_config()
+    assert variant.model == name
+    long_recipe = name in ("RepVGG-B2", "RepVGG-B2g2", "RepVGG-B2g4", "RepVGG-B3", "RepVGG-B3g2", "RepVGG-B3g4",
+                           "RepVGG-D2se")
+    assert variant.num_epochs == (200 if long_recipe else 120)
+    assert set(variant.keys()) == set(config.keys())
+
+
+# --------------------------------------------------------------------------- Data parallelism.
+
+def test_eight_devices_compute_the_same_step_as_one_device():
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_step.py")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "OK 8 devices == 1 device" in result.stdout
+
+
+# --------------------------------------------------------------------------- Bad input, before compilation.
+
+def test_unknown_config_field_is_refused(fmnist_dir, tmp_path):
+  config = tiny_config(fmnist_dir)
+  config.batchsize = 64
+  with pytest.raises(training.ConfigError, match="batchsize"):
+    training.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_the_devices_is_refused(fmnist_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  with pytest.raises(training.ConfigError, match="not divisible by the 8 devices"):
+    training.train_and_evaluate(tiny_config(fmnist_dir, batch_size=36), str(tmp_path))
+
+
+def test_missing_dataset_is_refused_with_where_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    training.train_and_evaluate(tiny_config(str(tmp_path / "nowhere")), str(tmp_path))
+
+
+def test_unknown_model_in_config_is_a_config_error(fmnist_dir, tmp_path):
+  with pytest.raises(training.ConfigError, match="RepVGG-A0"):
+    training.train_and_evaluate(tiny_config(fmnist_dir, model="RepVGG-AO"), str(tmp_path))
+
+
+# --------------------------------------------------------------------------- A whole run, in process.
+
+@pytest.fixture(scope="module")
+def trained_workdir(fmnist_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = training.train_and_evaluate(tiny_config(fmnist_dir), workdir)
+  return workdir, result
+
+
+def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
+  workdir, result = trained_workdir
+  lines = read_metrics(workdir)
+  assert {"train", "eval", "deploy"} <= {line["split"] for line in lines}
+  train_line = next(line for line in lines if line["split"] == "train")
+  assert {"step", "loss", "accuracy", "learning_rate", "images_per_sec"} <= set(train_line)
+  deploy = [line for line in lines if line["split"] == "deploy"]
+  assert len(deploy) == 1 and deploy[0]["step"] == 6 and 0.0 <= deploy[0]["accuracy"] <= 1.0
+  assert deploy[0]["count"] == 72  # The whole eval split.
+  assert result["max_relative_error"] < training.EQUIVALENCE_RTOL
+  # Train and deploy forms agree on the whole eval split (up to float ties).
+  assert abs(result["deploy_accuracy"] - result["train_form_accuracy"]) <= 1 / 72
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+def test_deploy_params_are_saved_and_load_into_the_deploy_model(trained_workdir, fmnist_dir):
+  workdir, result = trained_workdir
+  params = checkpoints.load_params(os.path.join(workdir, "deploy"))
+  config = tiny_config(fmnist_dir)
+  deploy = training.model_from_config(config, 10, deploy=True)
+  expected = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(expected)
+  assert "rbr_reparam" in params["stage1_0"] and "rbr_dense" not in params["stage1_0"]
+
+
+def test_checkpoints_keep_the_latest_and_the_best(trained_workdir):
+  workdir, _ = trained_workdir
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps[-1] == 6 and 1 <= len(steps) <= 2
+  accuracies = {line["step"]: line["accuracy"] for line in read_metrics(workdir) if line["split"] == "eval"}
+  best = max(accuracies, key=lambda s: (accuracies[s], s))
+  assert best in steps or accuracies[best] == accuracies[6]
+
+
+def test_a_workdir_of_another_variant_is_refused(trained_workdir, fmnist_dir):
+  workdir, _ = trained_workdir
+  config = tiny_config(fmnist_dir, model="RepVGG-B0")
+  with pytest.raises(training.ConfigError, match="RepVGG-A0"):
+    training.train_and_evaluate(config, workdir)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path):
+  workdir = str(tmp_path)
+  training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), workdir)
+  with pytest.raises(FloatingPointError, match="non-finite.*step 2"):
+    training.train_and_evaluate(tiny_config(fmnist_dir, learning_rate=1e30, warmup_epochs=0.0), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+# --------------------------------------------------------------------------- The command line, killed and resumed.
+
+def _train_command(workdir, data_dir, **overrides):
+  return [sys.executable, "train.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+          *tiny_flags(data_dir, **overrides)]
+
+
+def test_train_py_refuses_bad_input_in_one_line(fmnist_dir, tmp_path):
+  result = subprocess.run(_train_command(tmp_path, fmnist_dir, batch_size=0), capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes(fmnist_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  command = _train_command(workdir, fmnist_dir, num_train_steps=400, eval_every_steps=1000, log_every_steps=10,
+                           checkpoint_every_steps=10)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  while time.time() < deadline and process.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() and int(s) >= 20 for s in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.2)
+  assert process.poll() is None, "training ended before it could be killed"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = max(line["step"] for line in read_metrics(workdir))
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = [line for line in result.stderr.splitlines() if "Resumed from step" in line]
+  assert resumed, result.stderr[-3000:]
+  resumed_step = int(resumed[0].rsplit(" ", 1)[-1])
+  assert resumed_step >= 20 and killed_at - resumed_step <= 10 + 10  # At most one interval (+ one log window).
+  final = [line for line in read_metrics(workdir) if line["split"] == "deploy"]
+  assert len(final) == 1 and final[0]["step"] == 400
