@@ -201,6 +201,17 @@ def _format_duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- The loop.
 
+def _setup_logging() -> None:
+  """Only process 0 logs progress; orbax's per-save INFO lines are dropped so progress lines stay readable."""
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(getattr(f, "__name__", "") == "_drop_orbax_info" for f in handler.filters):
+    def _drop_orbax_info(record):
+      return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
+    handler.addFilter(_drop_orbax_info)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, checkpoints, resumes, then re-parameterizes, verifies, evaluates and saves the deploy model.
 
@@ -208,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   if config.coordinator_address:
     jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+  _setup_logging()
   validate_config(config)
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
@@ -305,8 +317,7 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   deploy_metrics = evaluate(deploy_step, jax_utils.replicate({"params": deploy_params}),
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
-  if jax.process_index() == 0:
-    checkpoints.save_params(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))
+  checkpoints.save_params(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,

@@ -1,0 +1,167 @@
+"""PyTorch state_dict <-> Flax variables, for the official (DingXiaoH) and timm RepVGG key naming.
+
+Loading is strict: every missing or unexpected key and every shape mismatch is a ValueError listing them,
+because silently keeping random weights for a misspelt key is the most reported bug of the official loader.
+PyTorch conv kernels are OIHW and Linear weights (out, in); Flax kernels are HWIO and (in, out).
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvgg_jax.models import create_model
+
+# Official name piece -> timm name piece; applied to whole dot-separated components.
+_TIMM_RENAMES = {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
+                 "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"}
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                  "var": "running_var"}
+_IGNORED_SUFFIX = ".num_batches_tracked"
+
+
+def official_key(path: tuple[str, ...]) -> str:
+  """Flax path, e.g. ('stage1_0', 'rbr_dense', 'bn', 'mean') -> 'stage1.0.rbr_dense.bn.running_mean'."""
+  block = re.sub(r"^(stage\d)_(\d+)$", r"\1.\2", path[0])
+  return ".".join((block,) + tuple(path[1:-1]) + (_LEAF_TO_TORCH[path[-1]],))
+
+
+def official_to_timm(key: str) -> str:
+  """'stage1.0.rbr_dense.conv.weight' -> 'stages.0.0.conv_kxk.conv.weight'; 'linear.x' -> 'head.fc.x'."""
+  parts = key.split(".")
+  if parts[0] == "linear":
+    return ".".join(["head", "fc"] + parts[1:])
+  if parts[0] == "stage0":
+    head = ["stem"]
+    rest = parts[1:]
+  else:
+    head = ["stages", str(int(parts[0][len("stage"):]) - 1), parts[1]]
+    rest = parts[2:]
+  return ".".join(head + [_TIMM_RENAMES.get(p, p) for p in rest])
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # A torch tensor; torch itself is only needed by whoever made it.
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def _torch_to_flax(array: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+  """One tensor from PyTorch layout into the Flax leaf's layout (shape checked by the caller)."""
+  if len(flax_shape) == 4 and array.ndim == 4:  # conv OIHW -> HWIO
+    return array.transpose(2, 3, 1, 0)
+  if len(flax_shape) == 2 and array.ndim in (2, 4):  # Linear (out, in) or 1x1 conv (out, in, 1, 1) -> (in, out)
+    return array.reshape(array.shape[:2]).T
+  return array
+
+
+def _flax_to_torch(array: np.ndarray, key: str) -> np.ndarray:
+  if array.ndim == 4:
+    return array.transpose(3, 2, 0, 1)
+  if array.ndim == 2:
+    out = array.T
+    return out if key.startswith("linear.") else out[:, :, None, None]  # SE layers are 1x1 convs in PyTorch.
+  return array
+
+
+def _naming(keys) -> str:
+  return "timm" if any(k.startswith(("stem.", "stages.", "head.")) for k in keys) else "official"
+
+
+def _is_deploy(keys) -> bool:
+  return any(".rbr_reparam." in k or ".reparam_conv." in k for k in keys)
+
+
+def _format(keys, limit: int = 20) -> str:
+  keys = sorted(keys)
+  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
+                            deploy: Optional[bool] = None, **overrides) -> dict:
+  """A PyTorch RepVGG state_dict (official or timm naming, training-time or deploy) -> Flax variables.
+
+  Args:
+    state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
+      ``num_batches_tracked`` buffers are ignored.
+    name: the official variant name, e.g. "RepVGG-A0".
+    num_classes: the head size; None reads it from the checkpoint.
+    deploy: expected form; None detects it from the keys. A mismatch is an error.
+    **overrides: passed to ``create_model``.
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
+    for the deploy form.
+  """
+  weights = {}
+  for key, value in state_dict.items():
+    key = key[len("module."):] if key.startswith("module.") else key
+    if not key.endswith(_IGNORED_SUFFIX):
+      weights[key] = value
+  naming, is_deploy = _naming(weights), _is_deploy(weights)
+  if deploy is not None and deploy != is_deploy:
+    found = "deploy (re-parameterized)" if is_deploy else "training-time (three-branch)"
+    raise ValueError(f"deploy={deploy} was asked for, but the state_dict holds {found} weights.")
+  head_key = "head.fc.weight" if naming == "timm" else "linear.weight"
+  if head_key not in weights:
+    raise ValueError(f"The state_dict has no {head_key!r}: not a RepVGG checkpoint in {naming} naming?")
+  head_classes = int(_to_numpy(weights[head_key]).shape[0])
+  if num_classes is not None and num_classes != head_classes:
+    raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {head_classes} classes.")
+
+  model = create_model(name, num_classes=head_classes, deploy=is_deploy, **overrides)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  to_key = (lambda path: official_to_timm(official_key(path))) if naming == "timm" else official_key
+  expected, missing, mismatched = {}, [], []
+
+  def convert(path, leaf):
+    names = tuple(p.key for p in path)
+    key = to_key(names[1:])
+    expected[key] = True
+    if key not in weights:
+      missing.append(key)
+      return np.zeros(leaf.shape, leaf.dtype)
+    array = _torch_to_flax(_to_numpy(weights[key]), leaf.shape)
+    if array.shape != leaf.shape:
+      mismatched.append(f"{key}: {tuple(_to_numpy(weights[key]).shape)} does not fit {name}'s {leaf.shape}")
+      return np.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(array, leaf.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(convert, shapes)
+  unexpected = sorted(set(weights) - set(expected))
+  problems = []
+  if missing:
+    problems.append(f"missing keys: {_format(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys: {_format(unexpected)}")
+  if mismatched:
+    problems.append(f"shape mismatches: {_format(mismatched)}")
+  if problems:
+    raise ValueError(f"The state_dict ({naming} naming, {'deploy' if is_deploy else 'training-time'}) does not "
+                     f"match {name}: " + "; ".join(problems))
+  return dict(variables)
+
+
+def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
+  """Flax variables (training-time or deploy) -> a state_dict of torch tensors in official (or timm) naming.
+
+  BatchNorm layers get the ``num_batches_tracked`` buffer PyTorch expects, so ``load_state_dict`` is strict.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if naming not in ("official", "timm"):
+    raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
+    names = tuple(p.key for p in path)
+    key = official_key(names[1:])
+    array = np.asarray(_flax_to_torch(np.asarray(leaf), key))
+    if names[0] == "batch_stats" and names[-1] == "mean":
+      out[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
+    out[key] = torch.from_numpy(np.ascontiguousarray(array))
+  if naming == "timm":
+    out = {official_to_timm(k): v for k, v in out.items()}
+  return out
