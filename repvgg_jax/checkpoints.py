@@ -47,13 +47,13 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
   return manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
 
 
-def save_params(path: str, params: Any) -> None:
-  """Saves a parameter tree (e.g. the deploy model's) as its own orbax checkpoint at ``path``."""
+def save_tree(path: str, tree: Any) -> None:
+  """Saves a tree of arrays (e.g. the deploy params) as its own orbax checkpoint at ``path``."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params, force=True)
+    ckptr.save(os.path.abspath(path), tree, force=True)
 
 
-def load_params(path: str) -> Any:
-  """Loads a parameter tree saved by ``save_params``."""
+def load_tree(path: str) -> Any:
+  """Loads a tree saved by ``save_tree``."""
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.abspath(path))

@@ -161,7 +161,7 @@ def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> di
     array = np.asarray(_flax_to_torch(np.asarray(leaf), key))
     if names[0] == "batch_stats" and names[-1] == "mean":
       out[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
-    out[key] = torch.from_numpy(np.ascontiguousarray(array))
+    out[key] = torch.from_numpy(np.array(array))  # A writable copy: PyTorch may write into it.
   if naming == "timm":
     out = {official_to_timm(k): v for k, v in out.items()}
   return out

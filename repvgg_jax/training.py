@@ -317,7 +317,7 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   deploy_metrics = evaluate(deploy_step, jax_utils.replicate({"params": deploy_params}),
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
-  checkpoints.save_params(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
+  checkpoints.save_tree(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,

@@ -156,7 +156,7 @@ def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
 
 def test_deploy_params_are_saved_and_load_into_the_deploy_model(trained_workdir, fmnist_dir):
   workdir, result = trained_workdir
-  params = checkpoints.load_params(os.path.join(workdir, "deploy"))
+  params = checkpoints.load_tree(os.path.join(workdir, "deploy"))
   config = tiny_config(fmnist_dir)
   deploy = training.model_from_config(config, 10, deploy=True)
   expected = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]

@@ -1,0 +1,139 @@
+"""Spec of PyTorch interop, against the real thing: timm's RepVGG with random weights and BN statistics."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import repvgg_jax as rv
+from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NUM_CLASSES = 10
+RTOL = 1e-4  # Relative to the largest logit: two float32 implementations of the same network.
+
+
+def timm_model(timm_name, seed=0):
+  """timm's model in eval mode, its BatchNorms given random affine parameters and running statistics."""
+  torch.manual_seed(seed)
+  model = timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES)
+  gen = torch.Generator().manual_seed(seed)
+  for module in model.modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      n = module.num_features
+      module.weight.data = torch.rand(n, generator=gen) * 0.8 + 0.4
+      module.bias.data = torch.randn(n, generator=gen) * 0.1
+      module.running_mean.data = torch.randn(n, generator=gen) * 0.1
+      module.running_var.data = torch.rand(n, generator=gen) * 1.5 + 0.5
+  return model.eval()
+
+
+def timm_to_official(key):
+  """Renames, written independently of the package: timm's keys -> the official repository's."""
+  key = re.sub(r"^stem\.", "stage0.", key)
+  key = re.sub(r"^stages\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}.", key)
+  key = key.replace("head.fc.", "linear.")
+  for timm_name, official in (("conv_kxk", "rbr_dense"), ("conv_1x1", "rbr_1x1"), ("identity", "rbr_identity"),
+                              ("reparam_conv", "rbr_reparam"), ("attn.fc1", "se.down"), ("attn.fc2", "se.up")):
+    key = key.replace(f".{timm_name}.", f".{official}.")
+  return key
+
+
+def logits_close(jax_logits, torch_logits):
+  jax_logits, torch_logits = np.asarray(jax_logits), np.asarray(torch_logits)
+  scale = float(np.abs(torch_logits).max())
+  assert scale > 1e-3
+  err = float(np.abs(jax_logits - torch_logits).max())
+  assert err <= RTOL * scale, f"max abs error {err:.3g} vs largest logit {scale:.3g}"
+  return err, err / scale
+
+
+def _images(seed=1, size=32):
+  return np.random.default_rng(seed).normal(size=(2, 3, size, size)).astype(np.float32)
+
+
+VARIANTS = [("repvgg_a0", "RepVGG-A0"), ("repvgg_b0", "RepVGG-B0"), ("repvgg_b1g4", "RepVGG-B1g4"),
+            ("repvgg_d2se", "RepVGG-D2se")]
+
+
+@pytest.mark.parametrize("timm_name,name", VARIANTS)
+def test_timm_and_official_weights_give_timms_logits_in_both_forms(timm_name, name):
+  model = timm_model(timm_name)
+  x = _images()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  x_nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+  net = rv.create_model(name, num_classes=NUM_CLASSES)
+  state_dict = model.state_dict()
+  logits_close(net.apply(load_pytorch_state_dict(state_dict, name), x_nhwc), expected)
+  official = {"module." + timm_to_official(k): v for k, v in state_dict.items()}  # As saved under DDP.
+  variables = load_pytorch_state_dict(official, name, num_classes=NUM_CLASSES, deploy=False)
+  logits_close(net.apply(variables, x_nhwc), expected)
+
+  # Deploy: timm's own re-parameterization against ours.
+  fused = reparameterize_model(model)
+  with torch.no_grad():
+    expected_fused = fused(torch.from_numpy(x)).numpy()
+  deploy = rv.create_model(name, num_classes=NUM_CLASSES, deploy=True)
+  logits_close(deploy.apply(load_pytorch_state_dict(fused.state_dict(), name, deploy=True), x_nhwc), expected_fused)
+  logits_close(deploy.apply({"params": rv.reparam(variables["params"], variables["batch_stats"])}, x_nhwc),
+               expected_fused)
+
+
+def test_flax_variables_load_strictly_into_pytorch():
+  name, model = "RepVGG-B1g4", timm_model("repvgg_b1g4", seed=3)
+  variables = load_pytorch_state_dict(model.state_dict(), name)
+  variables = jax.tree.map(lambda a: a * 1.01, variables)  # Not what timm started with.
+  target = timm_model("repvgg_b1g4", seed=4)
+  target.load_state_dict(to_pytorch_state_dict(variables, naming="timm"), strict=True)
+  official = to_pytorch_state_dict(variables)
+  assert "stage1.0.rbr_dense.conv.weight" in official and "linear.weight" in official
+  assert {timm_to_official(k) for k in target.state_dict()} == set(official)
+  x = _images(seed=5)
+  with torch.no_grad():
+    expected = target(torch.from_numpy(x)).numpy()
+  logits_close(rv.create_model(name, num_classes=NUM_CLASSES).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1))),
+               expected)
+
+
+def test_loading_is_strict():
+  state_dict = timm_model("repvgg_a0").state_dict()
+  misspelt = dict(state_dict)
+  misspelt["stages.0.0.conv_kxk.conv.wieght"] = misspelt.pop("stages.0.0.conv_kxk.conv.weight")
+  with pytest.raises(ValueError, match=r"missing keys: stages\.0\.0\.conv_kxk\.conv\.weight.*unexpected keys: "
+                                       r"stages\.0\.0\.conv_kxk\.conv\.wieght"):
+    load_pytorch_state_dict(misspelt, "RepVGG-A0")
+  with pytest.raises(ValueError, match="shape mismatches"):
+    load_pytorch_state_dict(state_dict, "RepVGG-A1")
+  with pytest.raises(ValueError, match="deploy=True was asked for.*training-time"):
+    load_pytorch_state_dict(state_dict, "RepVGG-A0", deploy=True)
+  with pytest.raises(ValueError, match="num_classes=1000 but the checkpoint's head has 10"):
+    load_pytorch_state_dict(state_dict, "RepVGG-A0", num_classes=1000)
+
+
+def test_convert_cli_round_trips_a_pth_through_orbax(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  model = timm_model("repvgg_a0", seed=7)
+  pth = str(tmp_path / "a0.pth")
+  torch.save({"state_dict": {timm_to_official(k): v for k, v in model.state_dict().items()}}, pth)
+  out = str(tmp_path / "converted")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "repvgg_jax.convert", "--model=RepVGG-A0", *args],
+                                     capture_output=True, text=True, timeout=300)
+  result = run(f"--pth={pth}", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  back = str(tmp_path / "deploy.pth")
+  result = run(f"--orbax={out}/deploy", f"--to_pth={back}", "--naming=timm")
+  assert result.returncode == 0, result.stderr[-3000:]
+  fused = reparameterize_model(model)
+  fused.load_state_dict(torch.load(back, weights_only=True), strict=True)
+  x = _images(seed=8)
+  with torch.no_grad():
+    expected = reparameterize_model(timm_model("repvgg_a0", seed=7))(torch.from_numpy(x)).numpy()
+    got = fused(torch.from_numpy(x)).numpy()
+  logits_close(got, expected)
+  assert run(f"--pth={pth}", f"--out={out}", "--num_classes=1000").returncode != 0
