@@ -4,13 +4,20 @@
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
   config = ml_collections.ConfigDict()
   # Model.
   config.model = "RepVGG-A0"                 # an official name, see repvgg_jax.list_models()
-  config.model_overrides = ml_collections.ConfigDict()  # create_model overrides, e.g. width_multiplier
+  # create_model overrides of the variant; None keeps the official value.
+  config.model_overrides = ml_collections.ConfigDict({
+      "num_blocks": placeholder(tuple),        # blocks in stage1..stage4
+      "width_multiplier": placeholder(tuple),  # (a, a, a, b)
+      "groups": placeholder(int),              # groups of layers 2, 4, ..., 26
+      "use_se": placeholder(bool),
+  })
   config.half_precision = False              # bf16 compute; params and BN statistics stay float32
   # Data.
   config.dataset = "imagenet2012"            # a TFDS name, or "fashion_mnist" (local IDX files)

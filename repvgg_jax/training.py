@@ -129,7 +129,7 @@ def model_from_config(config, num_classes: int, *, deploy: bool = False, half_pr
   try:
     return create_model(config.model, num_classes=num_classes, deploy=deploy,
                         dtype=jnp.bfloat16 if half else jnp.float32, bn_axis_name=None if deploy else AXIS,
-                        **config.model_overrides.to_dict())
+                        **{k: v for k, v in config.model_overrides.to_dict().items() if v is not None})
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
