@@ -97,7 +97,10 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
   grads = lax.pmean(grads, axis_name)
   metrics = lax.pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}, axis_name)
   metrics["learning_rate"] = learning_rate(state.step)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # A finite loss can still be followed by an update to inf/nan; the loop must not checkpoint that.
+  metrics["params_finite"] = jnp.isfinite(optax.tree.norm(new_state.params)).astype(jnp.float32)
+  return new_state, metrics
 
 
 def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str = AXIS) -> dict:
@@ -118,6 +121,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(config.keys()) - set(default.get_config().keys()))
   if unknown:
     raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for the fields.")
+  if config.batch_size <= 0:
+    raise ConfigError(f"batch_size must be positive; got {config.batch_size}.")
   if config.batch_size % jax.device_count():
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices.")
   if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
@@ -266,13 +271,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not pending:
       return
     history = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending])
-    losses = np.array([h["loss"] for h in history])
-    if not np.all(np.isfinite(losses)):
-      bad = step - len(pending) + 1 + int(np.argmin(np.isfinite(losses)))
-      raise FloatingPointError(f"Loss became non-finite at step {bad}; stopping. The last good checkpoint "
+    healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
+    if not healthy.all():
+      bad = step - len(pending) + 1 + int(np.argmin(healthy))
+      raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good checkpoint "
                                f"(step {manager.latest_step()}) is kept in {manager.directory}.")
     elapsed = time.time() - window_start
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "params_finite"}
     summary["images_per_sec"] = len(pending) * config.batch_size / elapsed
     eta = (num_steps - step) * elapsed / len(pending)
     logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f images/s %.0f ETA %s", step, num_steps,

@@ -183,9 +183,11 @@ def test_a_workdir_of_another_variant_is_refused(trained_workdir, fmnist_dir):
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path):
   workdir = str(tmp_path)
   training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), workdir)
-  with pytest.raises(FloatingPointError, match="non-finite.*step 2"):
-    training.train_and_evaluate(tiny_config(fmnist_dir, learning_rate=1e30, warmup_epochs=0.0), workdir)
+  with pytest.raises(FloatingPointError, match=r"non-finite at step \d+.*last good checkpoint \(step 2\)") as error:
+    training.train_and_evaluate(tiny_config(fmnist_dir, learning_rate=1e38, warmup_epochs=0.0,
+                                            checkpoint_every_steps=1, eval_every_steps=100), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert "step 3" in str(error.value)  # The very first update blew up, and nothing after step 2 was saved.
 
 
 # --------------------------------------------------------------------------- The command line, killed and resumed.
@@ -226,3 +228,17 @@ def test_kill_9_then_the_same_command_resumes(fmnist_dir, tmp_path):
   assert resumed_step >= 20 and killed_at - resumed_step <= 10 + 10  # At most one interval (+ one log window).
   final = [line for line in read_metrics(workdir) if line["split"] == "deploy"]
   assert len(final) == 1 and final[0]["step"] == 400
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+                    reason="needs `apt-get install dataset-fashion-mnist`")
+def test_shortened_quickstart_learns_real_fashion_mnist(tmp_path):
+  workdir = str(tmp_path / "quickstart")
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+                           "--config.num_train_steps=150", "--config.eval_every_steps=1000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  deploy = [line for line in read_metrics(workdir) if line["split"] == "deploy"]
+  assert len(deploy) == 1 and deploy[0]["count"] == 10000
+  assert deploy[0]["accuracy"] > 0.6  # 150 steps of 128 images: well above chance (0.1).
