@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from repvgg_jax import variants
 
@@ -18,11 +19,46 @@ BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - moment
 BN_EPSILON = 1e-5
 
 
-def _same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  # Explicit symmetric padding: 'SAME' pads (0, 1) for even inputs at stride 2, which would misalign the
-  # 1x1 branch against the centre of the 3x3 window.
-  p = kernel_size // 2
-  return ((p, p), (p, p))
+# Output maps of at most this many pixels are convolved as k*k shifted matmuls: XLA:CPU's convolution (and
+# its gradient) is ~3x slower there (benchmarks/RESULTS.md), and at 1x1 most taps only see padding.
+SMALL_MAP_PIXELS = 4
+
+
+def conv2d(x, kernel, strides: int = 1, groups: int = 1):
+  """k x k convolution with symmetric padding k // 2 (PyTorch's ``padding=k//2``; 'SAME' would pad (0, 1) at
+  stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
+  k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
+  ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
+  if groups > 1 or ho * wo > SMALL_MAP_PIXELS:
+    return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def sees_data(tap, size, out):  # Does this kernel row/column ever read a non-padding pixel?
+    return any(p <= tap + s * r < p + size for r in range(out))
+
+  taps = [(i, j) for i in range(k) for j in range(k) if sees_data(i, x.shape[1], ho) and sees_data(j, x.shape[2], wo)]
+  return sum(xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] @ kernel[i, j] for i, j in taps)
+
+
+class Conv(nn.Module):
+  """k x k convolution (NHWC, HWIO kernel, padding k // 2), parameters named and initialised as ``nn.Conv``'s."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1] // self.groups, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, self.strides, self.groups)
+    return y if bias is None else y + bias
 
 
 class ConvBN(nn.Module):
@@ -39,9 +75,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
-                padding=_same_padding(self.kernel_size), feature_group_count=self.groups, use_bias=False,
-                dtype=self.dtype, name="conv")(x)
+    x = Conv(self.features, self.kernel_size, self.strides, self.groups, dtype=self.dtype, name="conv")(x)
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                         axis_name=self.bn_axis_name, dtype=self.dtype, name="bn")(x)
 
@@ -103,8 +137,7 @@ class RepVGGPlainBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # A plain block has no BatchNorm; the argument keeps both forms' call signatures alike.
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=_same_padding(3),
-                feature_group_count=self.groups, use_bias=True, dtype=self.dtype, name="rbr_reparam")(x)
+    y = Conv(self.features, 3, self.strides, self.groups, use_bias=True, dtype=self.dtype, name="rbr_reparam")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
     return nn.relu(y)

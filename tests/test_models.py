@@ -172,9 +172,30 @@ def test_gradients_flow_through_reparam():
   def loss(logits):
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
 
-  g_deploy = jax.grad(lambda p: loss(deploy.apply({"params": rv.reparam(p, v["batch_stats"])}, x)))(v["params"])
-  g_train = jax.grad(lambda p: loss(model.apply({"params": p, "batch_stats": v["batch_stats"]}, x)))(v["params"])
+  g_deploy = jax.jit(jax.grad(lambda p: loss(deploy.apply({"params": rv.reparam(p, v["batch_stats"])}, x))))(
+      v["params"])
+  g_train = jax.jit(jax.grad(lambda p: loss(model.apply({"params": p, "batch_stats": v["batch_stats"]}, x))))(
+      v["params"])
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(g_deploy))
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_train))
   assert scale > 0
   chex.assert_trees_all_close(g_deploy, g_train, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("size,stride,kernel_size", [(1, 1, 3), (2, 1, 3), (2, 2, 3), (3, 2, 3), (4, 2, 3),
+                                                     (1, 1, 1), (2, 2, 1), (3, 1, 3), (5, 1, 3)])
+def test_conv2d_equals_a_padded_reference_convolution_on_every_map_size(size, stride, kernel_size):
+  """Small maps take the shifted-matmul path, larger ones lax.conv; both are the same convolution."""
+  from repvgg_jax.models import conv2d  # pylint: disable=g-import-not-at-top
+  from tests.helpers import numpy_conv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(size * 10 + stride)
+  x, k = rng.normal(size=(2, size, size, 5)), rng.normal(size=(kernel_size, kernel_size, 5, 4))
+  with jax.enable_x64(True):
+    y = np.asarray(conv2d(jnp.asarray(x), jnp.asarray(k), stride))
+    grads = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv2d(x, k, stride))), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+    reference = jax.grad(lambda x, k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        x, k, (stride, stride), [(kernel_size // 2,) * 2] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")))),
+                         argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+  np.testing.assert_allclose(y, numpy_conv(x, k, stride, kernel_size // 2), atol=1e-12)
+  for got, want in zip(grads, reference):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-12)
