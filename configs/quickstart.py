@@ -24,7 +24,7 @@ def get_config():
   config.shuffle_buffer = 60000
   config.cache = True
   config.batch_size = 128
-  config.num_epochs = 5
+  config.num_epochs = 6
   config.warmup_epochs = 0.5
   config.learning_rate = 0.2          # per 256 images
   config.label_smoothing = 0.1

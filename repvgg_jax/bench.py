@@ -1,0 +1,227 @@
+"""Benchmark: training form vs deploy form (and timm's PyTorch models), printed as a markdown table.
+
+  python -m repvgg_jax.bench --models=RepVGG-A0,RepVGG-B0,RepVGG-B1g4 --batch_sizes=1,32 --vs_torch \
+      --plot=benchmarks/throughput.png
+
+Per model, batch size and dtype it measures, in one process: inference latency (median, p90 over repeated
+jitted calls after warm-up, each synchronised with ``block_until_ready``) and throughput of the training form
+in eval mode and of the deploy form; XLA's compiled peak memory of each; the wall time of ``reparam``
+(first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step.
+``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes, interleaved call
+by call with the JAX ones and on the same number of threads, and reports the ratios.
+"""
+
+import functools
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import repvgg_jax as rv
+
+flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names.")
+flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
+flags.DEFINE_integer("image_size", 224, "Input resolution.")
+flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16.")
+flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (after warm-up).")
+flags.DEFINE_bool("vs_torch", False, "Also time timm's PyTorch model, interleaved.")
+flags.DEFINE_bool("train_step", False, "Also time one SGD training step of the training form.")
+flags.DEFINE_string("plot", "", "Write a PNG: the paper's ImageNet top-1 against measured deploy throughput.")
+FLAGS = flags.FLAGS
+
+# ImageNet top-1 (%) from the paper (Tables 4 and 5) and the official repository's README.
+PAPER_TOP1 = {"RepVGG-A0": 72.41, "RepVGG-A1": 74.46, "RepVGG-A2": 76.48, "RepVGG-B0": 75.14, "RepVGG-B1": 78.37,
+              "RepVGG-B1g2": 77.78, "RepVGG-B1g4": 77.58, "RepVGG-B2": 78.78, "RepVGG-B2g4": 79.38,
+              "RepVGG-B3": 80.52, "RepVGG-B3g4": 80.21}
+TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "repvgg_a2", "RepVGG-B0": "repvgg_b0",
+              "RepVGG-B1": "repvgg_b1", "RepVGG-B1g4": "repvgg_b1g4", "RepVGG-B2": "repvgg_b2",
+              "RepVGG-B2g4": "repvgg_b2g4", "RepVGG-B3": "repvgg_b3", "RepVGG-B3g4": "repvgg_b3g4",
+              "RepVGG-D2se": "repvgg_d2se"}
+
+
+def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each zero-argument function, interleaved call by call after one warm-up call each."""
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def peak_memory_mb(jitted, *args) -> float:
+  """XLA's compiled memory: arguments + outputs + temporaries (activations), in MB."""
+  stats = jitted.lower(*args).compile().memory_analysis()
+  if stats is None:
+    return float("nan")
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes) / 2**20
+
+
+def _summary(seconds: list[float], batch: int) -> dict:
+  median = statistics.median(seconds)
+  return {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)), "img_s": batch / median}
+
+
+def _torch_calls(name: str, batch: int, size: int, seed: int = 0) -> Optional[dict]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import timm  # pylint: disable=g-import-not-at-top
+    from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise app.UsageError(f"--vs_torch needs torch and timm installed ({e}).") from e
+  if name not in TIMM_NAMES:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(seed)
+  train = timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
+  deploy = reparameterize_model(timm.create_model(TIMM_NAMES[name], pretrained=False).eval())
+  x = torch.randn(batch, 3, size, size)
+
+  def run(model):
+    with torch.inference_mode():
+      return model(x)
+
+  return {"torch train": functools.partial(run, train), "torch deploy": functools.partial(run, deploy)}
+
+
+def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, vs_torch: bool,
+              train_step: bool) -> dict:
+  """All measurements of one (model, batch, dtype)."""
+  dtype = jnp.dtype(dtype_name)
+  model = rv.create_model(name, dtype=dtype)
+  deploy = rv.create_model(name, deploy=True, dtype=dtype)
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
+
+  start = time.perf_counter()
+  plain = jax.block_until_ready(rv.reparam(variables["params"], variables["batch_stats"]))
+  reparam_first_s = time.perf_counter() - start
+  jit_reparam = jax.jit(rv.reparam)
+  reparam_jit = time_calls({"r": lambda: jax.block_until_ready(jit_reparam(variables["params"],
+                                                                            variables["batch_stats"]))}, 3)["r"]
+
+  train_fn = jax.jit(functools.partial(model.apply, train=False))
+  deploy_fn = jax.jit(deploy.apply)
+  deploy_vars = {"params": plain}
+  calls = {"jax train": lambda: jax.block_until_ready(train_fn(variables, x)),
+           "jax deploy": lambda: jax.block_until_ready(deploy_fn(deploy_vars, x))}
+  if vs_torch and dtype_name == "float32":
+    calls.update(_torch_calls(name, batch, size) or {})
+  times = time_calls(calls, repeats)
+  row = {"model": name, "batch": batch, "dtype": dtype_name,
+         "reparam_first_ms": 1e3 * reparam_first_s, "reparam_jit_ms": 1e3 * statistics.median(reparam_jit),
+         "train_mem_mb": peak_memory_mb(train_fn, variables, x),
+         "deploy_mem_mb": peak_memory_mb(deploy_fn, deploy_vars, x)}
+  for key, seconds in times.items():
+    row[key] = _summary(seconds, batch)
+  if train_step:
+    row["train_step_img_s"] = _train_step_throughput(model, variables, x, max(2, repeats // 3))
+  return row
+
+
+def _train_step_throughput(model, variables, x, repeats: int) -> float:
+  import optax  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import training  # pylint: disable=g-import-not-at-top
+
+  tx = optax.sgd(0.01, momentum=0.9)
+  state = training.TrainState.create(apply_fn=model.clone(bn_axis_name=training.AXIS).apply,
+                                     params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
+                                     rng=jax.random.key_data(jax.random.key(0)))
+  step = jax.pmap(functools.partial(training.train_step, learning_rate=optax.constant_schedule(0.01),
+                                    num_classes=1000), axis_name=training.AXIS, devices=jax.devices()[:1])
+  state = jax.device_put_replicated(state, jax.devices()[:1])
+  batch = {"image": x[None], "label": jnp.zeros((1, x.shape[0]), jnp.int32)}
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  seconds = time_calls({"step": run}, repeats)["step"]
+  return x.shape[0] / statistics.median(seconds)
+
+
+def format_table(rows: list[dict]) -> str:
+  """A markdown table of ``bench_one`` rows."""
+  has_torch = any("torch deploy" in r for r in rows)
+  has_step = any("train_step_img_s" in r for r in rows)
+  head = ["model", "batch", "dtype", "train img/s", "deploy img/s", "deploy/train", "deploy median ms",
+          "deploy p90 ms", "mem train/deploy MB", "reparam ms (first, jit)"]
+  if has_torch:
+    head += ["timm train img/s", "timm deploy img/s", "deploy ours/timm"]
+  if has_step:
+    head += ["train step img/s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    t, d = r["jax train"], r["jax deploy"]
+    cells = [r["model"], str(r["batch"]), r["dtype"], f"{t['img_s']:.1f}", f"{d['img_s']:.1f}",
+             f"{d['img_s'] / t['img_s']:.2f}x", f"{d['median_ms']:.1f}", f"{d['p90_ms']:.1f}",
+             f"{r['train_mem_mb']:.0f} / {r['deploy_mem_mb']:.0f} ({r['train_mem_mb'] / r['deploy_mem_mb']:.2f}x)",
+             f"{r['reparam_first_ms']:.0f}, {r['reparam_jit_ms']:.1f}"]
+    if has_torch:
+      if "torch deploy" in r:
+        td, tt = r["torch deploy"], r["torch train"]
+        cells += [f"{tt['img_s']:.1f}", f"{td['img_s']:.1f}", f"{d['img_s'] / td['img_s']:.2f}x"]
+      else:
+        cells += ["-", "-", "-"]
+    if has_step:
+      cells += [f"{r.get('train_step_img_s', float('nan')):.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """The paper's ImageNet top-1 against measured throughput (largest batch, float32), like its Figure 1."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  best = {}
+  for r in rows:
+    if r["dtype"] == "float32" and r["model"] in PAPER_TOP1 and r["batch"] >= best.get(r["model"], {}).get("batch", 0):
+      best[r["model"]] = r
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for form, marker in (("jax train", "o"), ("jax deploy", "s")):
+    xs = [r[form]["img_s"] for r in best.values()]
+    ys = [PAPER_TOP1[m] for m in best]
+    ax.scatter(xs, ys, marker=marker, label=form.replace("jax ", "") + " form")
+  for m, r in best.items():
+    ax.annotate(m.replace("RepVGG-", ""), (r["jax deploy"]["img_s"], PAPER_TOP1[m]), fontsize=8,
+                xytext=(4, 2), textcoords="offset points")
+  ax.set_xlabel(f"measured images/s ({jax.devices()[0].platform}, batch {max(r['batch'] for r in best.values())})")
+  ax.set_ylabel("ImageNet top-1 (%, paper)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  if FLAGS.vs_torch:
+    import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    # (torchvision, which timm imports, segfaults if TensorFlow was imported first; --train_step imports TF.)
+  rows = []
+  for name in FLAGS.models:
+    for batch in (int(b) for b in FLAGS.batch_sizes):
+      for dtype_name in FLAGS.dtypes:
+        rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.vs_torch,
+                              FLAGS.train_step))
+        print(f"done: {name} batch {batch} {dtype_name}", flush=True)
+  print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"{FLAGS.image_size} px, {FLAGS.repeats} timed calls\n")
+  print(format_table(rows))
+  if FLAGS.plot:
+    plot(rows, FLAGS.plot)
+    print(f"\nplot written to {FLAGS.plot}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,44 @@
+"""The notebooks execute top to bottom on CPU with tiny settings, so they cannot rot."""
+
+import os
+
+import pytest
+
+from tests.helpers import write_fake_fashion_mnist
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+
+
+def _execute(name, tmp_path):
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": NOTEBOOKS}}).execute()
+  return notebook
+
+
+def _outputs(notebook):
+  return "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+
+
+@pytest.fixture
+def smoke_env(tmp_path, monkeypatch):
+  monkeypatch.setenv("REPVGG_NOTEBOOK_SMOKE", "1")
+  monkeypatch.setenv("REPVGG_DATA_DIR", write_fake_fashion_mnist(tmp_path))
+  monkeypatch.setenv("REPVGG_NOTEBOOK_FIGURE", str(tmp_path / "fusion.png"))
+  return tmp_path
+
+
+@pytest.mark.slow
+def test_colab_training_notebook_trains_reparameterizes_and_verifies(smoke_env):
+  text = _outputs(_execute("colab_tpu_training.ipynb", smoke_env))
+  assert "CpuDevice" in text and "deploy_accuracy" in text and "max |train - deploy|" in text
+
+
+def test_fusion_walkthrough_draws_the_kernels_and_checks_the_fused_block(smoke_env):
+  text = _outputs(_execute("fusion_walkthrough.ipynb", smoke_env))
+  assert "max |train - plain|" in text
+  assert (smoke_env / "fusion.png").stat().st_size > 10_000
