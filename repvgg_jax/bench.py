@@ -137,7 +137,7 @@ def _train_step_throughput(model, variables, x, repeats: int) -> float:
                                      rng=jax.random.key_data(jax.random.key(0)))
   step = jax.pmap(functools.partial(training.train_step, learning_rate=optax.constant_schedule(0.01),
                                     num_classes=1000), axis_name=training.AXIS, devices=jax.devices()[:1])
-  state = jax.device_put_replicated(state, jax.devices()[:1])
+  state = training.replicate(state, jax.devices()[:1])
   batch = {"image": x[None], "label": jnp.zeros((1, x.shape[0]), jnp.int32)}
   holder = {"state": state}
 

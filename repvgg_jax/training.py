@@ -146,6 +146,12 @@ def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState
                            batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng))
 
 
+def replicate(tree, devices=None):
+  """One copy per device, laid out as ``pmap(axis_name=AXIS)`` outputs are, so that a pmapped step is compiled
+  once, not a second time when it first receives its own output (a different mesh)."""
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(jax_utils.replicate(tree, devices))
+
+
 def shard(batch: dict) -> dict:
   """(local_batch, ...) numpy arrays -> (local_devices, local_batch / local_devices, ...)."""
   n = jax.local_device_count()
@@ -250,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoints.restore_state(manager, previous[0], state)
     logging.info("Resumed from step %d", int(state.step))
   start_step = int(state.step)
-  state = jax_utils.replicate(state)
+  state = replicate(state)
 
   p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
                                             num_classes=source.num_classes, label_smoothing=config.label_smoothing,
@@ -319,7 +325,7 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   max_rel_error = check_equivalence(train_model, deploy_model, variables, deploy_params, held_out["image"])
   deploy_step = jax.pmap(functools.partial(eval_step, model_from_config(config, source.num_classes,
                                                                          deploy=True).apply), axis_name=AXIS)
-  deploy_metrics = evaluate(deploy_step, jax_utils.replicate({"params": deploy_params}),
+  deploy_metrics = evaluate(deploy_step, replicate({"params": deploy_params}),
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
   checkpoints.save_tree(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import jax_utils
 
 from configs import quickstart
 from repvgg_jax import training
@@ -27,7 +26,7 @@ def one_step(state, batch, devices, learning_rate):
                                     label_smoothing=0.1), axis_name=training.AXIS, devices=devices)
   n = len(devices)
   sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
-  new_state, metrics = step(jax_utils.replicate(state, devices), sharded)
+  new_state, metrics = step(training.replicate(state, devices), sharded)
   replicas = jax.device_get(new_state)
   for i in range(1, n):  # Every replica holds the same state: gradients and BN statistics were synchronized.
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], replicas), jax.tree.map(lambda x: x[0], replicas))
