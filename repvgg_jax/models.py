@@ -61,6 +61,12 @@ class Conv(nn.Module):
     return y if bias is None else y + bias
 
 
+def _batch_norm(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
+  """A BatchNorm configured from ``module``'s bn_* and dtype fields; created inside its compact call."""
+  return nn.BatchNorm(use_running_average=not train, momentum=module.bn_momentum, epsilon=module.bn_epsilon,
+                      axis_name=module.bn_axis_name, dtype=module.dtype, name=name)
+
+
 class ConvBN(nn.Module):
   """One branch: a bias-free k x k convolution followed by BatchNorm. (N, H, W, Cin) -> (N, H', W', features)."""
 
@@ -76,8 +82,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = Conv(self.features, self.kernel_size, self.strides, self.groups, dtype=self.dtype, name="conv")(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                        axis_name=self.bn_axis_name, dtype=self.dtype, name="bn")(x)
+    return _batch_norm(self, train, "bn")(x)
 
 
 class SEBlock(nn.Module):
@@ -118,8 +123,7 @@ class RepVGGBlock(nn.Module):
                                bn_axis_name=self.bn_axis_name, dtype=self.dtype)
     y = branch(kernel_size=3, name="rbr_dense")(x, train) + branch(kernel_size=1, name="rbr_1x1")(x, train)
     if x.shape[-1] == self.features and self.strides == 1:
-      y = y + nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                           axis_name=self.bn_axis_name, dtype=self.dtype, name="rbr_identity")(x)
+      y = y + _batch_norm(self, train, "rbr_identity")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
     return nn.relu(y)
