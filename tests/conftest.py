@@ -6,3 +6,14 @@ try:
   import timm  # noqa: F401  pylint: disable=unused-import
 except ImportError:
   pass
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tests.helpers import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory):
+  """Small Fashion-MNIST-shaped IDX files (256 train, 72 test) with a visible class pattern."""
+  return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))

@@ -5,12 +5,7 @@ import pytest
 
 from configs import quickstart
 from repvgg_jax import input_pipeline as ip
-from tests.helpers import write_fake_fashion_mnist, write_idx
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir(tmp_path_factory):
-  return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+from tests.helpers import write_idx
 
 
 def _config(data_dir, **overrides):

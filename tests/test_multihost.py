@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from tests.helpers import write_fake_fashion_mnist
 from tests.test_training import ROOT, read_metrics, tiny_flags
 
 
@@ -19,8 +18,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_one_model_and_only_process_0_writes(tmp_path):
-  data_dir = write_fake_fashion_mnist(tmp_path)
+def test_two_processes_train_one_model_and_only_process_0_writes(fmnist_dir, tmp_path):
+  data_dir = fmnist_dir
   workdir = str(tmp_path / "run")
   address = f"localhost:{_free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -4,8 +4,6 @@ import os
 
 import pytest
 
-from tests.helpers import write_fake_fashion_mnist
-
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -25,9 +23,9 @@ def _outputs(notebook):
 
 
 @pytest.fixture
-def smoke_env(tmp_path, monkeypatch):
+def smoke_env(fmnist_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("REPVGG_NOTEBOOK_SMOKE", "1")
-  monkeypatch.setenv("REPVGG_DATA_DIR", write_fake_fashion_mnist(tmp_path))
+  monkeypatch.setenv("REPVGG_DATA_DIR", fmnist_dir)
   monkeypatch.setenv("REPVGG_NOTEBOOK_FIGURE", str(tmp_path / "fusion.png"))
   return tmp_path
 

@@ -15,14 +15,8 @@ import pytest
 import repvgg_jax as rv
 from configs import default, quickstart
 from repvgg_jax import checkpoints, training
-from tests.helpers import write_fake_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir(tmp_path_factory):
-  return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
 
 
 def tiny_config(data_dir, **overrides):
