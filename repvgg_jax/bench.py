@@ -6,7 +6,8 @@
 Per model, batch size and dtype it measures, in one process: inference latency (median, p90 over repeated
 jitted calls after warm-up, each synchronised with ``block_until_ready``) and throughput of the training form
 in eval mode and of the deploy form; XLA's compiled peak memory of each; the wall time of ``reparam``
-(first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step.
+(first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step
+(with ``--vs_torch`` also timm's, interleaved).
 ``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes, interleaved call
 by call with the JAX ones and on the same number of threads, and reports the ratios.
 """
@@ -123,11 +124,33 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, v
   for key, seconds in times.items():
     row[key] = _summary(seconds, batch)
   if train_step:
-    row["train_step_img_s"] = _train_step_throughput(model, variables, x, max(2, repeats // 3))
+    steps = {"jax step": _train_step_call(model, variables, x)}
+    if vs_torch and dtype_name == "float32" and name in TIMM_NAMES:
+      steps["torch step"] = _torch_train_step_call(name, batch, size)
+    for key, seconds in time_calls(steps, max(2, repeats // 3)).items():
+      row[key] = _summary(seconds, batch)
   return row
 
 
-def _train_step_throughput(model, variables, x, repeats: int) -> float:
+def _torch_train_step_call(name: str, batch: int, size: int) -> Callable[[], object]:
+  """One SGD step (momentum 0.9, cross-entropy) of timm's training-form model, BN in training mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+
+  model = timm.create_model(TIMM_NAMES[name], pretrained=False).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  x, labels = torch.randn(batch, 3, size, size), torch.zeros(batch, dtype=torch.long)
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), labels).backward()
+    optimizer.step()
+
+  return run
+
+
+def _train_step_call(model, variables, x) -> Callable[[], object]:
+  """One SGD step of the project's pmapped training step (on one device), as a zero-argument function."""
   import optax  # pylint: disable=g-import-not-at-top
   from repvgg_jax import training  # pylint: disable=g-import-not-at-top
 
@@ -145,20 +168,22 @@ def _train_step_throughput(model, variables, x, repeats: int) -> float:
     holder["state"], metrics = step(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  seconds = time_calls({"step": run}, repeats)["step"]
-  return x.shape[0] / statistics.median(seconds)
+  return run
 
 
 def format_table(rows: list[dict]) -> str:
   """A markdown table of ``bench_one`` rows."""
   has_torch = any("torch deploy" in r for r in rows)
-  has_step = any("train_step_img_s" in r for r in rows)
+  has_step = any("jax step" in r for r in rows)
+  has_torch_step = any("torch step" in r for r in rows)
   head = ["model", "batch", "dtype", "train img/s", "deploy img/s", "deploy/train", "deploy median ms",
           "deploy p90 ms", "mem train/deploy MB", "reparam ms (first, jit)"]
   if has_torch:
     head += ["timm train img/s", "timm deploy img/s", "deploy ours/timm"]
   if has_step:
     head += ["train step img/s"]
+  if has_torch_step:
+    head += ["timm train step img/s", "step ours/timm"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     t, d = r["jax train"], r["jax deploy"]
@@ -173,7 +198,10 @@ def format_table(rows: list[dict]) -> str:
       else:
         cells += ["-", "-", "-"]
     if has_step:
-      cells += [f"{r.get('train_step_img_s', float('nan')):.1f}"]
+      cells += [f"{r['jax step']['img_s']:.1f}" if "jax step" in r else "-"]
+    if has_torch_step:
+      cells += ([f"{r['torch step']['img_s']:.1f}", f"{r['jax step']['img_s'] / r['torch step']['img_s']:.2f}x"]
+                if "torch step" in r else ["-", "-"])
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
