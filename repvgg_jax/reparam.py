@@ -120,13 +120,9 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
     kernel, bias = kernel + kernel_id, bias + bias_id
 
   fused = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
-  if "se" in block_params:
-    fused["se"] = _copy_tree(block_params["se"])
+  if "se" in block_params:  # Carried over like any non-block subtree (SE has no BatchNorm to fold).
+    fused["se"], _ = _reparam_tree(block_params["se"], stats.get("se"), eps, path + ("se",))
   return fused
-
-
-def _copy_tree(tree):
-  return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[dict, int]:

@@ -280,8 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
     if not healthy.all():
       bad = step - len(pending) + 1 + int(np.argmin(healthy))
-      raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good checkpoint "
-                               f"(step {manager.latest_step()}) is kept in {manager.directory}.")
+      raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good "
+                               f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}.")
     elapsed = time.time() - window_start
     summary = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "params_finite"}
     summary["images_per_sec"] = len(pending) * config.batch_size / elapsed
