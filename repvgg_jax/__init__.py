@@ -1,7 +1,11 @@
 """RepVGG and structural re-parameterization in JAX/Flax."""
 
-from repvgg_jax.models import create_model
-from repvgg_jax.reparam import reparam
-from repvgg_jax.variants import list_models
+from repvgg_jax import xla_cpu
+
+xla_cpu.prefer_eigen_convolutions()
+
+from repvgg_jax.models import create_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from repvgg_jax.reparam import reparam  # pylint: disable=g-import-not-at-top,wrong-import-position
+from repvgg_jax.variants import list_models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 __all__ = ["create_model", "list_models", "reparam"]
