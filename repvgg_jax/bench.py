@@ -244,7 +244,7 @@ def main(argv):
                               FLAGS.train_step))
         print(f"done: {name} batch {batch} {dtype_name}", flush=True)
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"{FLAGS.image_size} px, {FLAGS.repeats} timed calls\n")
+        f"{FLAGS.image_size} px, {FLAGS.repeats} timed calls, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
   print(format_table(rows))
   if FLAGS.plot:
     plot(rows, FLAGS.plot)
