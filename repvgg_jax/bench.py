@@ -8,8 +8,8 @@ jitted calls after warm-up, each synchronised with ``block_until_ready``) and th
 in eval mode and of the deploy form; XLA's compiled peak memory of each; the wall time of ``reparam``
 (first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step
 (with ``--vs_torch`` also timm's, interleaved).
-``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes, interleaved call
-by call with the JAX ones and on the same number of threads, and reports the ratios.
+``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes, interleaved round
+by round with the JAX ones (``time_calls``) and on the same number of threads, and reports the ratios.
 """
 
 import functools
@@ -46,12 +46,18 @@ TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "
 
 
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-  """Seconds per call of each zero-argument function, interleaved call by call after one warm-up call each."""
+  """Seconds per call of each zero-argument function, interleaved round by round after one warm-up call each.
+
+  In every round each function first runs once untimed: a call straight after the other framework's pays for
+  caches and thread pools that framework left cold or busy (up to 25% of a JAX training step right after a
+  PyTorch one), which no single-framework program pays.
+  """
   for fn in fns.values():
     fn()
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      fn()
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
