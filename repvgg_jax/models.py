@@ -20,8 +20,11 @@ BN_EPSILON = 1e-5
 
 
 # Output maps of at most this many pixels are convolved as k*k shifted matmuls: XLA:CPU's convolution (and
-# its gradient) is ~3x slower there (benchmarks/RESULTS.md), and at 1x1 most taps only see padding.
+# its gradient) is ~3x slower there (benchmarks/RESULTS.md), and at 1x1 most taps only see padding. Only when
+# the matmuls have at least MIN_MATMUL_ROWS rows (batch * pixels): XLA:CPU compiles smaller dots into inline
+# code, and A0's training step at batch 2-8 then took ~87 s to compile instead of ~9 s.
 SMALL_MAP_PIXELS = 4
+MIN_MATMUL_ROWS = 64
 
 
 def conv2d(x, kernel, strides: int = 1, groups: int = 1):
@@ -29,7 +32,7 @@ def conv2d(x, kernel, strides: int = 1, groups: int = 1):
   stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
   k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
   ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
-  if groups > 1 or ho * wo > SMALL_MAP_PIXELS:
+  if groups > 1 or ho * wo > SMALL_MAP_PIXELS or x.shape[0] * ho * wo < MIN_MATMUL_ROWS:
     return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))

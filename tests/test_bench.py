@@ -9,8 +9,8 @@ from tests.test_training import ROOT
 
 def test_bench_cli_prints_a_table_and_writes_a_plot(tmp_path):
   plot = str(tmp_path / "bench.png")
-  # 64 px, not 32: at 32 px full-width A0's 2x2 stage-3 maps take models.conv2d's shifted-matmul path, whose
-  # training step takes ~80 s to compile on 2 cores (~15 s at 64 px).
+  # 64 px, not 32: full-width A0's batch-2 training step compiles about twice as fast (tiny maps make many
+  # small convolutions and dots, which XLA:CPU compiles slowly).
   result = subprocess.run([sys.executable, "-m", "repvgg_jax.bench", "--models=RepVGG-A0", "--batch_sizes=2",
                            "--image_size=64", "--repeats=2", "--dtypes=float32,bfloat16", "--train_step",
                            f"--plot={plot}"], cwd=ROOT, capture_output=True, text=True, timeout=600)

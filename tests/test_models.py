@@ -185,11 +185,12 @@ def test_gradients_flow_through_reparam():
 @pytest.mark.parametrize("size,stride,kernel_size", [(1, 1, 3), (2, 1, 3), (2, 2, 3), (3, 2, 3), (4, 2, 3),
                                                      (1, 1, 1), (2, 2, 1), (3, 1, 3), (5, 1, 3)])
 def test_conv2d_equals_a_padded_reference_convolution_on_every_map_size(size, stride, kernel_size):
-  """Small maps take the shifted-matmul path, larger ones lax.conv; both are the same convolution."""
-  from repvgg_jax.models import conv2d  # pylint: disable=g-import-not-at-top
+  """Small maps take the shifted-matmul path (batch large enough), larger ones lax.conv; both are the same
+  convolution."""
+  from repvgg_jax.models import MIN_MATMUL_ROWS, conv2d  # pylint: disable=g-import-not-at-top
   from tests.helpers import numpy_conv  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(size * 10 + stride)
-  x, k = rng.normal(size=(2, size, size, 5)), rng.normal(size=(kernel_size, kernel_size, 5, 4))
+  x, k = rng.normal(size=(MIN_MATMUL_ROWS, size, size, 5)), rng.normal(size=(kernel_size, kernel_size, 5, 4))
   with jax.enable_x64(True):
     y = np.asarray(conv2d(jnp.asarray(x), jnp.asarray(k), stride))
     grads = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv2d(x, k, stride))), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
