@@ -32,7 +32,8 @@ def conv2d(x, kernel, strides: int = 1, groups: int = 1):
   stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
   k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
   ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
-  if groups > 1 or ho * wo > SMALL_MAP_PIXELS or x.shape[0] * ho * wo < MIN_MATMUL_ROWS:
+  few_rows = not isinstance(x.shape[0], int) or x.shape[0] * ho * wo < MIN_MATMUL_ROWS  # symbolic: unknown
+  if groups > 1 or ho * wo > SMALL_MAP_PIXELS or few_rows:
     return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
