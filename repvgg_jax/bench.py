@@ -48,16 +48,17 @@ TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
   """Seconds per call of each zero-argument function, interleaved round by round after one warm-up call each.
 
-  In every round each function first runs once untimed: a call straight after the other framework's pays for
-  caches and thread pools that framework left cold or busy (up to 25% of a JAX training step right after a
-  PyTorch one), which no single-framework program pays.
+  With several functions, each first runs once untimed in every round: a call straight after another
+  program's pays for caches and thread pools that program left cold or busy (up to 25% of a JAX training
+  step right after a PyTorch one), which no single-framework program pays.
   """
   for fn in fns.values():
     fn()
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      fn()
+      if len(fns) > 1:
+        fn()
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)

@@ -19,13 +19,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_one_model_and_only_process_0_writes(fmnist_dir, tmp_path):
-  data_dir = fmnist_dir
   workdir = str(tmp_path / "run")
   address = f"localhost:{_free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(
       [sys.executable, "train.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
-       *tiny_flags(data_dir, coordinator_address=address, num_processes=2, process_id=i)],
+       *tiny_flags(fmnist_dir, coordinator_address=address, num_processes=2, process_id=i)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
