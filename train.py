@@ -5,7 +5,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from repvgg_jax import training
+from repvgg_jax import equivalence, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -18,7 +18,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (training.ConfigError, FileNotFoundError, FloatingPointError) as e:
+  except (training.ConfigError, FileNotFoundError, FloatingPointError, equivalence.EquivalenceError) as e:
     sys.exit(f"error: {e}")
 
 

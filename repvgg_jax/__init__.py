@@ -1,8 +1,8 @@
 """RepVGG and structural re-parameterization in JAX/Flax."""
 
-from repvgg_jax import xla_cpu
+from repvgg_jax import backend
 
-xla_cpu.prefer_eigen_convolutions()
+backend.prefer_eigen_convolutions()
 
 from repvgg_jax.models import create_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from repvgg_jax.reparam import reparam  # pylint: disable=g-import-not-at-top,wrong-import-position

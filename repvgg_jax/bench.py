@@ -8,15 +8,19 @@ jitted calls after warm-up, each synchronised with ``block_until_ready``) and th
 in eval mode and of the deploy form; XLA's compiled peak memory of each; the wall time of ``reparam``
 (first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step
 (with ``--vs_torch`` also timm's, interleaved).
-``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes, interleaved round
-by round with the JAX ones (``time_calls``) and on the same number of threads, and reports the ratios.
+``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes and the device JAX
+uses (CUDA when JAX runs on a GPU: channels_last, cudnn.benchmark, every timed call synchronised; on the CPU
+the same number of threads), interleaved round by round with the JAX ones (``time_calls``), and reports the
+ratios; bfloat16 rows run timm under ``torch.autocast``. ``--torch_compile`` also times the deploy model
+compiled with ``torch.compile``, the strongest PyTorch baseline. ``--paper`` is the paper's protocol: batch
+128, float32, 224 px. Each row also reports the train/deploy equivalence error at HIGHEST precision.
 """
 
 import functools
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_jax as rv
+from repvgg_jax.equivalence import check_equivalence
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
@@ -31,6 +36,8 @@ flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (after warm-up).")
 flags.DEFINE_bool("vs_torch", False, "Also time timm's PyTorch model, interleaved.")
+flags.DEFINE_bool("torch_compile", False, "With --vs_torch: also time timm's deploy model under torch.compile.")
+flags.DEFINE_bool("paper", False, "The paper's protocol: batch 128, float32, 224 px (overrides those flags).")
 flags.DEFINE_bool("train_step", False, "Also time one SGD training step of the training form.")
 flags.DEFINE_string("plot", "", "Write a PNG: the paper's ImageNet top-1 against measured deploy throughput.")
 FLAGS = flags.FLAGS
@@ -78,30 +85,64 @@ def _summary(seconds: list[float], batch: int) -> dict:
   return {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)), "img_s": batch / median}
 
 
-def _torch_calls(name: str, batch: int, size: int, seed: int = 0) -> Optional[dict]:
+def torch_device() -> str:
+  """The device timm runs on: the GPU when JAX runs on one, else the CPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_setup(name: str, batch: int, size: int, dtype_name: str):
+  """(torch, timm, device, a zero-argument-call wrapper that autocasts and synchronises, input images)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import timm  # pylint: disable=g-import-not-at-top
-    from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise app.UsageError(f"--vs_torch needs torch and timm installed ({e}).") from e
-  if name not in TIMM_NAMES:
-    return None
-  torch.set_num_threads(os.cpu_count() or 1)
-  torch.manual_seed(seed)
-  train = timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
-  deploy = reparameterize_model(timm.create_model(TIMM_NAMES[name], pretrained=False).eval())
-  x = torch.randn(batch, 3, size, size)
+  device = torch_device()
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True
+  else:
+    torch.set_num_threads(os.cpu_count() or 1)
+  layout = torch.channels_last if device == "cuda" else torch.contiguous_format
+  x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
 
-  def run(model):
+  def timed(fn):
+    def run():
+      with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+        out = fn()
+      if device == "cuda":
+        torch.cuda.synchronize()
+      return out
+    return run
+
+  def create(train: bool):
+    torch.manual_seed(0)
+    model = timm.create_model(TIMM_NAMES[name], pretrained=False)
+    return model.to(device, memory_format=layout).train(train)
+
+  return torch, device, timed, create, x
+
+
+def _torch_calls(name: str, batch: int, size: int, dtype_name: str, compile_deploy: bool) -> dict:
+  """timm's training form (eval mode) and re-parameterized form, optionally compiled, as timed calls."""
+  if name not in TIMM_NAMES:
+    return {}
+  from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
+  torch, _, timed, create, x = _torch_setup(name, batch, size, dtype_name)
+  train, deploy = create(False), reparameterize_model(create(False))
+
+  def infer(model):
     with torch.inference_mode():
       return model(x)
 
-  return {"torch train": functools.partial(run, train), "torch deploy": functools.partial(run, deploy)}
+  calls = {"torch train": timed(functools.partial(infer, train)), "torch deploy": timed(functools.partial(infer, deploy))}
+  if compile_deploy:
+    calls["torch compiled deploy"] = timed(functools.partial(infer, torch.compile(deploy)))
+  return calls
 
 
 def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, vs_torch: bool,
-              train_step: bool) -> dict:
+              train_step: bool, torch_compile: bool = False) -> dict:
   """All measurements of one (model, batch, dtype)."""
   dtype = jnp.dtype(dtype_name)
   model = rv.create_model(name, dtype=dtype)
@@ -121,53 +162,53 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, v
   deploy_vars = {"params": plain}
   calls = {"jax train": lambda: jax.block_until_ready(train_fn(variables, x)),
            "jax deploy": lambda: jax.block_until_ready(deploy_fn(deploy_vars, x))}
-  if vs_torch and dtype_name == "float32":
-    calls.update(_torch_calls(name, batch, size) or {})
+  if vs_torch:
+    calls.update(_torch_calls(name, batch, size, dtype_name, torch_compile))
   times = time_calls(calls, repeats)
   row = {"model": name, "batch": batch, "dtype": dtype_name,
          "reparam_first_ms": 1e3 * reparam_first_s, "reparam_jit_ms": 1e3 * statistics.median(reparam_jit),
          "train_mem_mb": peak_memory_mb(train_fn, variables, x),
-         "deploy_mem_mb": peak_memory_mb(deploy_fn, deploy_vars, x)}
+         "deploy_mem_mb": peak_memory_mb(deploy_fn, deploy_vars, x),
+         "equivalence": check_equivalence(model.clone(dtype=jnp.float32), variables,
+                                          deploy.clone(dtype=jnp.float32), plain, x[:8])}
   for key, seconds in times.items():
     row[key] = _summary(seconds, batch)
   if train_step:
     steps = {"jax step": _train_step_call(model, variables, x)}
-    if vs_torch and dtype_name == "float32" and name in TIMM_NAMES:
-      steps["torch step"] = _torch_train_step_call(name, batch, size)
+    if vs_torch and name in TIMM_NAMES:
+      steps["torch step"] = _torch_train_step_call(name, batch, size, dtype_name)
     for key, seconds in time_calls(steps, max(2, repeats // 3)).items():
       row[key] = _summary(seconds, batch)
   return row
 
 
-def _torch_train_step_call(name: str, batch: int, size: int) -> Callable[[], object]:
+def _torch_train_step_call(name: str, batch: int, size: int, dtype_name: str) -> Callable[[], object]:
   """One SGD step (momentum 0.9, cross-entropy) of timm's training-form model, BN in training mode."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import timm  # pylint: disable=g-import-not-at-top
-
-  model = timm.create_model(TIMM_NAMES[name], pretrained=False).train()
+  torch, device, timed, create, x = _torch_setup(name, batch, size, dtype_name)
+  model = create(True)
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-  x, labels = torch.randn(batch, 3, size, size), torch.zeros(batch, dtype=torch.long)
+  labels = torch.zeros(batch, dtype=torch.long, device=device)
 
-  def run():
+  def step():
     optimizer.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), labels).backward()
     optimizer.step()
 
-  return run
+  return timed(step)
 
 
 def _train_step_call(model, variables, x) -> Callable[[], object]:
   """One SGD step of the project's pmapped training step (on one device), as a zero-argument function."""
   import optax  # pylint: disable=g-import-not-at-top
-  from repvgg_jax import training  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import steps  # pylint: disable=g-import-not-at-top
 
   tx = optax.sgd(0.01, momentum=0.9)
-  state = training.TrainState.create(apply_fn=model.clone(bn_axis_name=training.AXIS).apply,
-                                     params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
-                                     rng=jax.random.key_data(jax.random.key(0)))
-  step = jax.pmap(functools.partial(training.train_step, learning_rate=optax.constant_schedule(0.01),
-                                    num_classes=1000), axis_name=training.AXIS, devices=jax.devices()[:1])
-  state = training.replicate(state, jax.devices()[:1])
+  state = steps.TrainState.create(apply_fn=model.clone(bn_axis_name=steps.AXIS).apply,
+                                  params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
+                                  rng=jax.random.key_data(jax.random.key(0)))
+  step = jax.pmap(functools.partial(steps.train_step, learning_rate=optax.constant_schedule(0.01),
+                                    num_classes=1000), axis_name=steps.AXIS, devices=jax.devices()[:1])
+  state = steps.replicate(state, jax.devices()[:1])
   batch = {"image": x[None], "label": jnp.zeros((1, x.shape[0]), jnp.int32)}
   holder = {"state": state}
 
@@ -183,10 +224,13 @@ def format_table(rows: list[dict]) -> str:
   has_torch = any("torch deploy" in r for r in rows)
   has_step = any("jax step" in r for r in rows)
   has_torch_step = any("torch step" in r for r in rows)
+  has_compiled = any("torch compiled deploy" in r for r in rows)
   head = ["model", "batch", "dtype", "train img/s", "deploy img/s", "deploy/train", "deploy median ms",
-          "deploy p90 ms", "mem train/deploy MB", "reparam ms (first, jit)"]
+          "deploy p90 ms", "mem train/deploy MB", "reparam ms (first, jit)", "max rel err (HIGHEST)"]
   if has_torch:
     head += ["timm train img/s", "timm deploy img/s", "deploy ours/timm"]
+  if has_compiled:
+    head += ["timm compiled deploy img/s", "deploy ours/compiled"]
   if has_step:
     head += ["train step img/s"]
   if has_torch_step:
@@ -197,13 +241,16 @@ def format_table(rows: list[dict]) -> str:
     cells = [r["model"], str(r["batch"]), r["dtype"], f"{t['img_s']:.1f}", f"{d['img_s']:.1f}",
              f"{d['img_s'] / t['img_s']:.2f}x", f"{d['median_ms']:.1f}", f"{d['p90_ms']:.1f}",
              f"{r['train_mem_mb']:.0f} / {r['deploy_mem_mb']:.0f} ({r['train_mem_mb'] / r['deploy_mem_mb']:.2f}x)",
-             f"{r['reparam_first_ms']:.0f}, {r['reparam_jit_ms']:.1f}"]
+             f"{r['reparam_first_ms']:.0f}, {r['reparam_jit_ms']:.1f}", f"{r['equivalence']:.1e}"]
     if has_torch:
       if "torch deploy" in r:
         td, tt = r["torch deploy"], r["torch train"]
         cells += [f"{tt['img_s']:.1f}", f"{td['img_s']:.1f}", f"{d['img_s'] / td['img_s']:.2f}x"]
       else:
         cells += ["-", "-", "-"]
+    if has_compiled:
+      tc = r.get("torch compiled deploy")
+      cells += [f"{tc['img_s']:.1f}", f"{d['img_s'] / tc['img_s']:.2f}x"] if tc else ["-", "-"]
     if has_step:
       cells += [f"{r['jax step']['img_s']:.1f}" if "jax step" in r else "-"]
     if has_torch_step:
@@ -238,20 +285,34 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def header(vs_torch: bool) -> str:
+  """The machine, the devices and the versions the numbers were measured with."""
+  text = (f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+          f"jax {jax.__version__}, {FLAGS.image_size} px, {FLAGS.repeats} timed calls, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if vs_torch:
+    import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    device = torch_device()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    text += f"; timm {timm.__version__} / torch {torch.__version__} on {device} ({name})"
+  return text
+
+
 def main(argv):
   del argv
-  if FLAGS.vs_torch:
-    import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    # (torchvision, which timm imports, segfaults if TensorFlow was imported first; --train_step imports TF.)
+  if FLAGS.paper:
+    FLAGS.batch_sizes, FLAGS.dtypes, FLAGS.image_size = ["128"], ["float32"], 224
+  if FLAGS.torch_compile and not FLAGS.vs_torch:
+    raise app.UsageError("--torch_compile needs --vs_torch.")
   rows = []
   for name in FLAGS.models:
     for batch in (int(b) for b in FLAGS.batch_sizes):
       for dtype_name in FLAGS.dtypes:
         rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.vs_torch,
-                              FLAGS.train_step))
+                              FLAGS.train_step, FLAGS.torch_compile))
         print(f"done: {name} batch {batch} {dtype_name}", flush=True)
-  print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"{FLAGS.image_size} px, {FLAGS.repeats} timed calls, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+  print(f"\n{header(FLAGS.vs_torch)}\n")
   print(format_table(rows))
   if FLAGS.plot:
     plot(rows, FLAGS.plot)

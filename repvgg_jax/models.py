@@ -11,50 +11,12 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
 from repvgg_jax import variants
+from repvgg_jax.backend import conv2d, global_average_pool
 
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (PyTorch 0.1).
 BN_EPSILON = 1e-5
-
-
-# Output maps of at most this many pixels are convolved as k*k shifted matmuls: XLA:CPU's convolution (and
-# its gradient) is ~3x slower there (benchmarks/RESULTS.md), and at 1x1 most taps only see padding. Only when
-# the matmuls have at least MIN_MATMUL_ROWS rows (batch * pixels): XLA:CPU compiles smaller dots into inline
-# code, and A0's training step at batch 2-8 then took ~87 s to compile instead of ~9 s.
-SMALL_MAP_PIXELS = 4
-MIN_MATMUL_ROWS = 64
-
-
-def conv2d(x, kernel, strides: int = 1, groups: int = 1):
-  """k x k convolution with symmetric padding k // 2 (PyTorch's ``padding=k//2``; 'SAME' would pad (0, 1) at
-  stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
-  k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
-  ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
-  few_rows = not isinstance(x.shape[0], int) or x.shape[0] * ho * wo < MIN_MATMUL_ROWS  # symbolic: unknown
-  if groups > 1 or ho * wo > SMALL_MAP_PIXELS or few_rows:
-    return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-
-  def sees_data(tap, size, out):  # Does this kernel row/column ever read a non-padding pixel?
-    return any(p <= tap + s * r < p + size for r in range(out))
-
-  taps = [(i, j) for i in range(k) for j in range(k) if sees_data(i, x.shape[1], ho) and sees_data(j, x.shape[2], wo)]
-  return sum(xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] @ kernel[i, j] for i, j in taps)
-
-
-def global_average_pool(x):
-  """Mean over H and W, (N, H, W, C) -> (N, C): a contraction with ones, accumulated in at least float32.
-
-  As a reduce, XLA:CPU's YNNPACK reduction fusion pulls the producing convolutions into one single-threaded
-  YNNPACK graph (stage 3-4 of A0 ran 1.5x slower); as a dot they stay XLA's multi-threaded convolutions.
-  """
-  n, h, w, c = x.shape
-  total = jnp.einsum("npc,p->nc", x.reshape(n, h * w, c), jnp.ones((h * w,), x.dtype),
-                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-  return (total / (h * w)).astype(x.dtype)
 
 
 class Conv(nn.Module):

@@ -11,9 +11,17 @@ except ImportError:
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.helpers import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.precision_emulation import emulated_accelerator_precision  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="session")
 def fmnist_dir(tmp_path_factory):
   """Small Fashion-MNIST-shaped IDX files (256 train, 72 test) with a visible class pattern."""
   return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture
+def accelerator_precision():
+  """CPU convolutions and dots round float32 operands to bf16 unless run at HIGHEST, as GPUs and TPUs do."""
+  with emulated_accelerator_precision():
+    yield

@@ -18,15 +18,15 @@ import numpy as np
 import optax
 
 from configs import quickstart
-from repvgg_jax import training
+from repvgg_jax import steps, training
 
 
 def one_step(state, batch, devices, learning_rate):
-  step = jax.pmap(functools.partial(training.train_step, learning_rate=learning_rate, num_classes=10,
-                                    label_smoothing=0.1), axis_name=training.AXIS, devices=devices)
+  step = jax.pmap(functools.partial(steps.train_step, learning_rate=learning_rate, num_classes=10,
+                                    label_smoothing=0.1), axis_name=steps.AXIS, devices=devices)
   n = len(devices)
   sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
-  new_state, metrics = step(training.replicate(state, devices), sharded)
+  new_state, metrics = step(steps.replicate(state, devices), sharded)
   replicas = jax.device_get(new_state)
   for i in range(1, n):  # Every replica holds the same state: gradients and BN statistics were synchronized.
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], replicas), jax.tree.map(lambda x: x[0], replicas))
@@ -39,8 +39,8 @@ def main():
   config.model_overrides.num_blocks = (1, 2, 1, 1)
   model = training.model_from_config(config, num_classes=10)
   learning_rate = optax.constant_schedule(0.1)  # The recipe's warm-up starts at 0 and would not move params.
-  state = training.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
-                                      training.create_optimizer(config, learning_rate))
+  state = steps.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
+                                   steps.create_optimizer(config, learning_rate))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, size=32), jnp.int32)}

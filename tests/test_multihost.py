@@ -1,6 +1,5 @@
 """Two processes on localhost (CPU, gloo collectives) train one model together, each on its own data shard."""
 
-import json
 import os
 import socket
 import subprocess

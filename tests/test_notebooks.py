@@ -1,4 +1,5 @@
-"""The notebooks execute top to bottom on CPU with tiny settings, so they cannot rot."""
+"""The notebooks execute top to bottom on CPU with tiny settings, so they cannot rot, and at emulated accelerator
+precision (the Colab notebook runs on TPUs), so their equivalence checks must run at HIGHEST to pass."""
 
 import os
 
@@ -7,11 +8,15 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+from tests import precision_emulation  # pylint: disable=wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
 def _execute(name, tmp_path):
   notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  notebook.cells.insert(0, nbformat.v4.new_code_cell(precision_emulation.notebook_cell(ROOT)))
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": NOTEBOOKS}}).execute()
   return notebook

@@ -9,12 +9,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import repvgg_jax as rv
 from configs import default, quickstart
-from repvgg_jax import checkpoints, training
+from repvgg_jax import checkpoints, equivalence, steps, training
+from tests.precision_emulation import emulated_accelerator_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_weight_decay_skips_biases_and_the_conv_branches_bn_scales_only():
   model = rv.create_model("RepVGG-D2se", num_classes=3, width_multiplier=(0.25, 0.25, 0.25, 0.25),
                           num_blocks=(2, 1, 1, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  mask = training.weight_decay_mask(params)
+  mask = steps.weight_decay_mask(params)
   block = mask["stage1_1"]
   assert block["rbr_dense"]["conv"]["kernel"] and block["rbr_1x1"]["conv"]["kernel"]
   assert not block["rbr_dense"]["bn"]["scale"] and not block["rbr_1x1"]["bn"]["scale"]
@@ -66,7 +66,7 @@ def test_weight_decay_skips_biases_and_the_conv_branches_bn_scales_only():
 def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine():
   config = default.get_config()
   config.batch_size = 512
-  schedule = training.learning_rate_schedule(config, steps_per_epoch=100, num_steps=1000)
+  schedule = steps.learning_rate_schedule(config, steps_per_epoch=100, num_steps=1000)
   peak = 0.1 * 512 / 256
   assert float(schedule(0)) == 0.0
   assert float(schedule(250)) == pytest.approx(peak / 2)
@@ -128,8 +128,10 @@ def test_unknown_model_in_config_is_a_config_error(fmnist_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_workdir(fmnist_dir, tmp_path_factory):
+  """A whole run at emulated accelerator precision, as on a GPU or TPU: its final check must still hold."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  result = training.train_and_evaluate(tiny_config(fmnist_dir), workdir)
+  with emulated_accelerator_precision():
+    result = training.train_and_evaluate(tiny_config(fmnist_dir), workdir)
   return workdir, result
 
 
@@ -142,7 +144,7 @@ def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
   deploy = [line for line in lines if line["split"] == "deploy"]
   assert len(deploy) == 1 and deploy[0]["step"] == 6 and 0.0 <= deploy[0]["accuracy"] <= 1.0
   assert deploy[0]["count"] == 72  # The whole eval split.
-  assert result["max_relative_error"] < training.EQUIVALENCE_RTOL
+  assert result["max_relative_error"] < equivalence.RTOL
   # Train and deploy forms agree on the whole eval split (up to float ties).
   assert abs(result["deploy_accuracy"] - result["train_form_accuracy"]) <= 1 / 72
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))

@@ -1,0 +1,90 @@
+"""Backend-specific measures, each applied only on the backend where it was measured to help.
+
+The model calls ``conv2d`` and ``global_average_pool``; what they lower to depends on the backend JAX
+compiles for (``jax.default_backend()`` when the function is traced). Measurements: benchmarks/RESULTS.md.
+
+XLA:CPU (measured on the project's 2-core machines):
+- XLA_FLAGS ``--xla_cpu_experimental_ynn_fusion_type=-INDIVIDUAL_CONVOLUTION``. Since jaxlib 0.9, XLA:CPU
+  hands convolutions to YNNPACK, which ran each on one thread: 145 GFLOP/s for a 32x56x56x64 3x3 convolution
+  against 266 GFLOP/s in XLA's multi-threaded Eigen kernels; deploy A0 1.7x faster at batch 32, its 224 px
+  training step 1.3x. XLA reads XLA_FLAGS once, when JAX starts its CPU backend, so ``import repvgg_jax``
+  appends the flag before any computation runs; the user's own ``xla_cpu_experimental_ynn_fusion_type``,
+  or REPVGG_JAX_KEEP_XLA_FLAGS=1, leaves XLA_FLAGS alone. GPU and TPU compilations ignore it.
+- Convolutions whose output map has at most SMALL_MAP_PIXELS pixels as k*k shifted matmuls, skipping taps that
+  only read padding: XLA:CPU's convolution and its gradient are ~3x slower there (quickstart step 1.76x).
+  Only for dots of at least MIN_MATMUL_ROWS rows (batch * pixels): XLA:CPU compiles smaller dots into inline
+  code, and A0's training step at batch 2-8 took ~87 s to compile instead of ~30 s.
+- The global average pool as a contraction with ones: as a reduce, YNNPACK's reduction fusion pulled the
+  producing convolutions into one single-threaded YNNPACK graph (A0's stages 3-4 ran 1.5x slower).
+
+On GPU and TPU both functions are the plain ``lax.conv_general_dilated`` and ``jnp.mean``. SPECIAL_PATHS
+lists the backends that take the CPU paths; benchmarks/gpu_check.py measures them on a GPU too.
+"""
+
+import importlib.metadata
+import os
+from typing import MutableMapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+FLAG = f"--{FLAG_NAME}=-INDIVIDUAL_CONVOLUTION"
+OPT_OUT = "REPVGG_JAX_KEEP_XLA_FLAGS"
+FIRST_JAXLIB = (0, 9)  # XLA aborts on flags it does not know; 0.8 has no YNNPACK fusion flag.
+
+SPECIAL_PATHS = {"cpu"}
+SMALL_MAP_PIXELS = 4
+MIN_MATMUL_ROWS = 64
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    release = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  return tuple(int(part) for part in release.split(".")[:2] if part.isdigit())
+
+
+def prefer_eigen_convolutions(environ: MutableMapping[str, str] = os.environ,
+                              jaxlib_version: tuple[int, ...] | None = None) -> bool:
+  """Appends FLAG to ``environ["XLA_FLAGS"]`` unless the user chose otherwise; True when it did."""
+  version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+  flags = environ.get("XLA_FLAGS", "")
+  if environ.get(OPT_OUT) or FLAG_NAME in flags or version < FIRST_JAXLIB:
+    return False
+  environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+  return True
+
+
+def _special_paths() -> bool:
+  return jax.default_backend() in SPECIAL_PATHS
+
+
+def conv2d(x, kernel, strides: int = 1, groups: int = 1):
+  """k x k convolution with symmetric padding k // 2 (PyTorch's ``padding=k//2``; 'SAME' would pad (0, 1) at
+  stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
+  k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
+  ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
+  few_rows = not isinstance(x.shape[0], int) or x.shape[0] * ho * wo < MIN_MATMUL_ROWS  # symbolic: unknown
+  if not _special_paths() or groups > 1 or ho * wo > SMALL_MAP_PIXELS or few_rows:
+    return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def sees_data(tap, size, out):  # Does this kernel row/column ever read a non-padding pixel?
+    return any(p <= tap + s * r < p + size for r in range(out))
+
+  taps = [(i, j) for i in range(k) for j in range(k) if sees_data(i, x.shape[1], ho) and sees_data(j, x.shape[2], wo)]
+  return sum(xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] @ kernel[i, j] for i, j in taps)
+
+
+def global_average_pool(x):
+  """Mean over H and W, (N, H, W, C) -> (N, C), accumulated in at least float32; dtype kept."""
+  if not _special_paths():
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+  n, h, w, c = x.shape
+  total = jnp.einsum("npc,p->nc", x.reshape(n, h * w, c), jnp.ones((h * w,), x.dtype),
+                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+  return (total / (h * w)).astype(x.dtype)

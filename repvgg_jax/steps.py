@@ -1,0 +1,114 @@
+"""The per-device training and eval steps, the state they carry, and the optimizer of the official recipe.
+
+Plain functions of (state, batch); the axis name is their only link to ``jax.pmap``, so they can move to
+``jit``/``shard_map`` unchanged. Gradients are averaged with ``lax.pmean`` and BatchNorm statistics are
+synchronized over the same axis, so N devices compute exactly one step on the whole batch. Nothing here
+needs TensorFlow (the bench and accelerator images use these without it).
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import jax_utils
+from flax.training import train_state
+from jax import lax
+
+AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # Raw uint32 key data, so it checkpoints like any array.
+
+
+def weight_decay_mask(params) -> Any:
+  """True where weight decay applies, as in the official train.py: every kernel and the identity branch's BN
+  scale; not biases, nor the BN scales of the 3x3 and 1x1 branches (``.../bn/scale``)."""
+
+  def decays(path, _):
+    names = [getattr(p, "key", str(p)) for p in path]
+    return names[-1] != "bias" and not (names[-1] == "scale" and "bn" in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate * batch_size / 256``, then cosine decay to 0 at ``num_steps``."""
+  peak = config.learning_rate * config.batch_size / 256
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
+
+
+def create_optimizer(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+  # PyTorch's SGD adds the decay to the gradient before momentum: so does this order.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, weight_decay_mask),
+                     optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def smoothed_targets(labels, num_classes: int, smoothing: float):
+  """(N,) int labels -> (N, num_classes) targets with label smoothing."""
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else jax.nn.one_hot(
+      labels, num_classes)
+
+
+def mixup(rng, images, targets, alpha: float):
+  """Mixes each example with the batch reversed, with one Beta(alpha, alpha) weight per batch."""
+  lam = jax.random.beta(rng, alpha, alpha)
+  return lam * images + (1 - lam) * images[::-1], lam * targets + (1 - lam) * targets[::-1]
+
+
+# --------------------------------------------------------------------------- Steps (per device).
+
+def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
+               label_smoothing: float = 0.0, mixup_alpha: float = 0.0, axis_name: str = AXIS):
+  """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,)."""
+  images = batch["image"]
+  targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
+  if mixup_alpha > 0:
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+    images, targets = mixup(rng, images, targets.astype(images.dtype), mixup_alpha)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                     mutable=["batch_stats"])
+    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, axis_name)
+  metrics = lax.pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}, axis_name)
+  metrics["learning_rate"] = learning_rate(state.step)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # A finite loss can still be followed by an update to inf/nan; the loop must not checkpoint that.
+  metrics["params_finite"] = jnp.isfinite(optax.tree.norm(new_state.params)).astype(jnp.float32)
+  return new_state, metrics
+
+
+def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str = AXIS) -> dict:
+  """Sums over all devices of correct predictions, cross-entropy and real examples (``mask``) in a batch."""
+  logits = apply_fn(variables, batch["image"], train=False)
+  mask = batch["mask"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return lax.psum({"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+                   "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}, axis_name)
+
+
+def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, jnp.zeros((1,) + image_shape))
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                           batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng))
+
+
+def replicate(tree, devices=None):
+  """One copy per device, laid out as ``pmap(axis_name=AXIS)`` outputs are, so that a pmapped step is compiled
+  once, not a second time when it first receives its own output (a different mesh)."""
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(jax_utils.replicate(tree, devices))
+
+
+def shard(batch: dict) -> dict:
+  """(local_batch, ...) numpy arrays -> (local_devices, local_batch / local_devices, ...)."""
+  n = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
