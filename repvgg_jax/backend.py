@@ -19,6 +19,13 @@ XLA:CPU (measured on the project's 2-core machines):
 
 On GPU and TPU both functions are the plain ``lax.conv_general_dilated`` and ``jnp.mean``. SPECIAL_PATHS
 lists the backends that take the CPU paths; benchmarks/gpu_check.py measures them on a GPU too.
+
+``add_bias`` is where the deploy form's bias joins its convolution. XLA:GPU fuses conv + bias + ReLU into
+one cuDNN call, and cuDNN's legacy fused conv-bias-activation supports only the IMPLICIT_PRECOMP_GEMM
+algorithm, a suspect for RepVGG-B3's deploy form running slower than its training form on an H200 (whose
+bias-free convolutions may take any algorithm). UNFUSED_BIAS lists the backends where an optimization
+barrier keeps the bias out of the convolution's fusion; it is empty until benchmarks/gpu_check.py, which
+times both, shows that it helps.
 """
 
 import importlib.metadata
@@ -35,6 +42,7 @@ OPT_OUT = "REPVGG_JAX_KEEP_XLA_FLAGS"
 FIRST_JAXLIB = (0, 9)  # XLA aborts on flags it does not know; 0.8 has no YNNPACK fusion flag.
 
 SPECIAL_PATHS = {"cpu"}
+UNFUSED_BIAS: set[str] = set()
 SMALL_MAP_PIXELS = 4
 MIN_MATMUL_ROWS = 64
 
@@ -88,3 +96,10 @@ def global_average_pool(x):
   total = jnp.einsum("npc,p->nc", x.reshape(n, h * w, c), jnp.ones((h * w,), x.dtype),
                      preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
   return (total / (h * w)).astype(x.dtype)
+
+
+def add_bias(y, bias):
+  """y + bias (broadcast over the last axis), outside the convolution's fusion on UNFUSED_BIAS backends."""
+  if jax.default_backend() in UNFUSED_BIAS:
+    y = lax.optimization_barrier(y)
+  return y + bias

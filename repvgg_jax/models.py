@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from repvgg_jax import variants
-from repvgg_jax.backend import conv2d, global_average_pool
+from repvgg_jax.backend import add_bias, conv2d, global_average_pool
 
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (PyTorch 0.1).
 BN_EPSILON = 1e-5
@@ -36,7 +36,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = conv2d(x, kernel, self.strides, self.groups)
-    return y if bias is None else y + bias
+    return y if bias is None else add_bias(y, bias)
 
 
 def _batch_norm(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:

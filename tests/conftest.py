@@ -8,6 +8,7 @@ except ImportError:
   pass
 
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.helpers import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,6 +23,17 @@ def fmnist_dir(tmp_path_factory):
 
 @pytest.fixture
 def accelerator_precision():
-  """CPU convolutions and dots round float32 operands to bf16 unless run at HIGHEST, as GPUs and TPUs do."""
+  """CPU convolutions and dots round float32 operands to bf16 unless run at HIGHEST, as GPUs and TPUs do
+  (on a GPU or TPU, the real thing)."""
+  if jax.default_backend() != "cpu":
+    yield
+    return
   with emulated_accelerator_precision():
+    yield
+
+
+@pytest.fixture
+def full_precision():
+  """Comparisons with an independent computation (timm, float64 numpy) at HIGHEST precision on any backend."""
+  with jax.default_matmul_precision("highest"):
     yield

@@ -11,6 +11,8 @@ from tests.helpers import random_variables
 
 SMALL = dict(num_classes=7, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(2, 2, 2, 1))
 
+pytestmark = pytest.mark.usefixtures("full_precision")
+
 
 @pytest.fixture(scope="module")
 def trained():

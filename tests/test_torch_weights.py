@@ -17,6 +17,8 @@ from timm.utils.model import reparameterize_model  # pylint: disable=g-import-no
 NUM_CLASSES = 10
 RTOL = 1e-4  # Relative to the largest logit: two float32 implementations of the same network.
 
+pytestmark = pytest.mark.usefixtures("full_precision")
+
 
 def timm_model(timm_name, seed=0):
   """timm's model in eval mode, its BatchNorms given random affine parameters and running statistics."""
@@ -126,6 +128,7 @@ def test_convert_cli_round_trips_a_pth_through_orbax(tmp_path):
                                      capture_output=True, text=True, timeout=300)
   result = run(f"--pth={pth}", f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "verified: the fused model equals the training-time model" in result.stdout
   back = str(tmp_path / "deploy.pth")
   result = run(f"--orbax={out}/deploy", f"--to_pth={back}", "--naming=timm")
   assert result.returncode == 0, result.stderr[-3000:]

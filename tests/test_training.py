@@ -14,6 +14,7 @@ import pytest
 import repvgg_jax as rv
 from configs import default, quickstart
 from repvgg_jax import checkpoints, equivalence, steps, training
+from repvgg_jax.equivalence import EquivalenceError
 from tests.precision_emulation import emulated_accelerator_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +185,18 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmni
                                             checkpoint_every_steps=1, eval_every_steps=100), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   assert "step 3" in str(error.value)  # The very first update blew up, and nothing after step 2 was saved.
+
+
+def test_a_training_run_whose_check_ran_at_default_precision_fails(fmnist_dir, tmp_path, monkeypatch,
+                                                                     accelerator_precision):
+  """The run's own check, with its HIGHEST context removed, fails under the emulation: the emulation sees it.
+  (The same run with the real check passes: trained_workdir above.)"""
+  def at_default_precision(model, variables, images, **kwargs):
+    return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, images)
+
+  monkeypatch.setattr(equivalence, "logits_at_full_precision", at_default_precision)
+  with pytest.raises(EquivalenceError):
+    training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), str(tmp_path))
 
 
 # --------------------------------------------------------------------------- The command line, killed and resumed.
