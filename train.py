@@ -5,7 +5,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from repvgg_jax import equivalence, training
+from configs import default
+from repvgg_jax import checkpoints, equivalence, preemption, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -17,8 +18,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (training.ConfigError, FileNotFoundError, FloatingPointError, equivalence.EquivalenceError) as e:
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir, known_fields=default.get_config().keys())
+  except preemption.Preempted as e:  # Logged where it happened; the status tells a scheduler it did not finish.
+    sys.exit(e.exit_status)
+  except (training.ConfigError, checkpoints.CheckpointError, FileNotFoundError, FloatingPointError,
+          equivalence.EquivalenceError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -1,28 +1,60 @@
-"""orbax-checkpoint wiring: ``<workdir>/checkpoints/<step>`` keeps the latest and the best by eval accuracy.
+"""orbax-checkpoint wiring: ``<workdir>/checkpoints/<step>`` keeps the newest ``keep`` and the best by eval
+accuracy; a damaged checkpoint is set aside and the run resumes from the newest intact one.
 
 Each checkpoint holds the training state and a small JSON record of what model it belongs to, so a workdir
-of another variant is refused before anything is compiled.
+of another variant is refused before its state is read.
 """
 
 import os
-from typing import Any, Optional
+import shutil
+import tempfile
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 STATE, META = "state", "meta"
+DAMAGED = "checkpoints_damaged"  # Beside ``checkpoints``: orbax must not see set-aside steps as its own.
+FREE_SPACE_FACTOR = 2  # A save writes the new checkpoint before the policy deletes an old one.
 
 
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+class CheckpointError(RuntimeError):
+  """A workdir that cannot hold checkpoints, or holds none that can be read."""
+
+
+def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
   """Synchronous saves (a kill -9 can only lose the write in progress; orbax renames a finished step into place)."""
-  keep = checkpoint_managers.AnyPreservationPolicy([
-      checkpoint_managers.LatestN(n=1),
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=False, create=True)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
                                item_names=(STATE, META))
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of a tree of arrays or ShapeDtypeStructs."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
+  """Raises CheckpointError unless ``workdir`` is writable with room for FREE_SPACE_FACTOR checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+      pass
+  except OSError as e:
+    raise CheckpointError(f"cannot write to workdir {workdir}: {e.strerror or e}.") from e
+  free = shutil.disk_usage(workdir).free
+  needed = FREE_SPACE_FACTOR * checkpoint_bytes
+  if free < needed:
+    raise CheckpointError(f"{workdir} has {free / 2**20:.1f} MiB free but a checkpoint of this run takes "
+                          f"{checkpoint_bytes / 2**20:.1f} MiB (and {needed / 2**20:.1f} MiB while one is "
+                          "replaced); free some space or use another --workdir.")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, accuracy: Optional[float]) -> None:
@@ -32,13 +64,49 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, accu
   manager.wait_until_finished()
 
 
-def restore_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
-  """(latest step, its meta record), or None for a fresh workdir."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-  return step, dict(restored[META])
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Moves a damaged step out of the manager's directory, with one warning line saying where and why."""
+  source = os.path.join(str(manager.directory), str(step))
+  target = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED, str(step))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(source, target)
+  reason = " ".join(str(error).split())[:300]
+  logging.warning("Checkpoint %s is damaged (%s: %s); moved to %s, trying an older one.", source,
+                  type(error).__name__, reason, target)
+  manager.reload()
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, accept_meta: Callable[[int, dict], None],
+                          make_target: Callable[[], Any]) -> Optional[tuple[int, Any]]:
+  """(step, state) of the newest checkpoint that reads back whole, or None in a fresh workdir.
+
+  ``accept_meta(step, meta)`` raises if the checkpoint belongs to another model (that is not damage);
+  ``make_target()`` builds the state whose structure, shapes and dtypes the saved one must have. A
+  checkpoint that fails to read is set aside (``_set_aside``). Raises CheckpointError if none is intact.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  target = None
+  for step in steps:
+    try:
+      meta = dict(manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+    except Exception as e:  # pylint: disable=broad-except  # Any read failure of a file on disk is damage.
+      _set_aside(manager, step, e)
+      continue
+    accept_meta(step, meta)
+    target = make_target() if target is None else target
+    try:
+      state = restore_state(manager, step, target)
+    except Exception as e:  # pylint: disable=broad-except
+      _set_aside(manager, step, e)
+      continue
+    return step, state
+  if steps:
+    raise CheckpointError(f"none of the checkpoints in {manager.directory} (steps {steps}) could be read; they "
+                          f"were moved to {os.path.join(os.path.dirname(str(manager.directory)), DAMAGED)}. "
+                          "Run again to start from scratch, or restore them from a backup.")
+  return None
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:

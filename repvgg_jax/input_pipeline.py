@@ -29,6 +29,8 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+_FOREVER = 2**62  # Stream positions and epochs are counted in int64.
+_EPOCH_SEED_STRIDE = 1_000_003  # Epoch e of seed s shuffles with s * stride + e: distinct for any e < stride.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
@@ -194,15 +196,29 @@ def preprocess_eval(source: Source, example, config):
   return {"image": _finish(image, config.image_size, source.mean, source.std), "label": example["label"]}
 
 
-def train_dataset(source: Source, config, local_batch_size: int, seed: int) -> tf.data.Dataset:
-  """Infinite, shuffled, augmented batches of this process's shard of the training split."""
+def train_dataset(source: Source, config, local_batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:
+  """Infinite, shuffled, augmented batches of this process's shard of the training split, from ``start_step``.
+
+  The stream is a pure function of (seed, position): epoch e is the shard shuffled with seed (seed, e), and
+  the example at stream position p is augmented with the stateless seed (seed, p). Batch i holds positions
+  [i * B, (i + 1) * B), so a run resumed at step N receives exactly the batches an uninterrupted run would.
+  Resuming skips the raw records before position N * B of its epoch (read, never decoded nor augmented).
+  """
   ds = source.read(config.train_split, jax.process_index(), jax.process_count())
   if config.cache:
     ds = ds.cache()
-  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed)
-  seeds = tf.data.Dataset.random(seed=seed).batch(2)  # One stateless seed per example.
-  ds = tf.data.Dataset.zip(ds, seeds)
-  ds = ds.map(lambda ex, s: preprocess_train(source, ex, s, config), num_parallel_calls=tf.data.AUTOTUNE)
+  epoch_size = int(ds.cardinality())
+  if epoch_size <= 0:
+    raise ValueError(f"the {config.train_split!r} split of this process has {epoch_size} examples (or an unknown "
+                     "count); exact resume needs its size.")
+  start = start_step * local_batch_size
+  first_epoch, offset = divmod(start, epoch_size)
+  epochs = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(
+      lambda epoch: ds.shuffle(config.shuffle_buffer, seed=seed * _EPOCH_SEED_STRIDE + epoch))
+  positions = tf.data.Dataset.range(start, _FOREVER)
+  ds = tf.data.Dataset.zip(epochs.skip(offset), positions)
+  ds = ds.map(lambda ex, p: preprocess_train(source, ex, tf.stack([tf.constant(seed, tf.int64), p]), config),
+              num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True

@@ -18,6 +18,14 @@ from jax.experimental import multihost_utils
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Preempted(Exception):
+  """Training stopped on request after saving a checkpoint at ``step`` (in ``path``); rerun to resume."""
+
+  def __init__(self, step: int, path: str, exit_status: int):
+    super().__init__(f"Preempted at step {step}; checkpoint saved to {path}")
+    self.step, self.path, self.exit_status = step, path, exit_status
+
+
 class StopRequests:
   """A context manager that turns SIGTERM/SIGINT into ``should_stop(step) == True`` at the next step."""
 

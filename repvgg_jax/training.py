@@ -3,10 +3,11 @@ deploy model. The steps it runs are in ``steps``; the data in ``input_pipeline``
 """
 
 import functools
+import hashlib
 import json
 import os
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from repvgg_jax import checkpoints, input_pipeline
+from repvgg_jax import checkpoints, input_pipeline, preemption
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
@@ -29,19 +30,17 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- Set-up and checks.
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects unknown fields and impossible settings, before any device work."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-
-  unknown = sorted(set(config.keys()) - set(default.get_config().keys()))
+def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[Iterable[str]] = None) -> None:
+  """Rejects impossible settings and, given the recipe's ``known_fields``, unknown fields; before device work."""
+  unknown = sorted(set(config.keys()) - set(known_fields)) if known_fields is not None else []
   if unknown:
     raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for the fields.")
   if config.batch_size <= 0:
     raise ConfigError(f"batch_size must be positive; got {config.batch_size}.")
   if config.batch_size % jax.device_count():
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices.")
-  if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
-    raise ConfigError("checkpoint_every_steps and log_every_steps must be positive.")
+  if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0 or config.keep_checkpoints <= 0:
+    raise ConfigError("checkpoint_every_steps, log_every_steps and keep_checkpoints must be positive.")
 
 
 def model_from_config(config, num_classes: int, *, deploy: bool = False, half_precision: Optional[bool] = None):
@@ -107,39 +106,57 @@ def _setup_logging() -> None:
     handler.addFilter(_drop_orbax_info)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_record(config, num_classes: int, image_shape, abstract_state) -> dict:
+  """What a checkpoint belongs to: the model, and a fingerprint of the state's layout (optimizer included), so
+  that a checkpoint of another run is refused instead of being taken for a damaged one."""
+  layout = "\n".join(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype}"
+                      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0])
+  record = {"model": config.model, "model_overrides": config.model_overrides.to_dict(), "num_classes": num_classes,
+            "image_shape": image_shape, "state_layout": hashlib.sha256(layout.encode()).hexdigest()[:16]}
+  return json.loads(json.dumps(record))  # Through JSON, so tuples compare equal to a restored record's lists.
+
+
+def _accept_record(workdir: str, record: dict, step: int, saved: dict) -> None:
+  if saved != record:
+    differences = "; ".join(f"{k} {saved.get(k)!r} there, {record.get(k)!r} here"
+                            for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k))
+    raise ConfigError(f"{workdir} holds a checkpoint (step {step}) of another run ({differences}); "
+                      "use another --workdir.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       known_fields: Optional[Iterable[str]] = None) -> dict:
   """Trains, checkpoints, resumes, then re-parameterizes, verifies, evaluates and saves the deploy model.
 
   Returns the final metrics: train-form and deploy-form eval accuracy, steps, and the equivalence error.
+  On SIGTERM or SIGINT, saves a checkpoint at the step reached and raises ``preemption.Preempted``; the same
+  call resumes there, with the data stream where it stopped. ``known_fields``: the recipe's config fields,
+  so that a misspelt field is an error (train.py passes configs/default.py's).
   """
   if config.coordinator_address:
     jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
   _setup_logging()
-  validate_config(config)
+  validate_config(config, known_fields)
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
   image_shape = (config.image_size, config.image_size, source.channels)
-  # Through JSON, so tuples compare equal to the lists a restored record holds.
-  meta = json.loads(json.dumps({"model": config.model, "model_overrides": config.model_overrides.to_dict(),
-                                "num_classes": source.num_classes, "image_shape": image_shape}))
-  manager = checkpoints.checkpoint_manager(workdir)
-  previous = checkpoints.restore_meta(manager)
-  if previous is not None and previous[1] != meta:
-    raise ConfigError(f"{workdir} holds a checkpoint (step {previous[0]}) of {previous[1]}, not of {meta}; "
-                      "use another --workdir.")
-
   steps_per_epoch = source.num_examples(config.train_split) // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"batch_size {config.batch_size} exceeds the training split.")
   num_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   learning_rate = learning_rate_schedule(config, steps_per_epoch, num_steps)
-  state = create_train_state(jax.random.key(config.seed), config, model, image_shape,
-                             create_optimizer(config, learning_rate))
-  if previous is not None:
-    state = checkpoints.restore_state(manager, previous[0], state)
-    logging.info("Resumed from step %d", int(state.step))
+  init = functools.partial(create_train_state, jax.random.key(config.seed), config, model, image_shape,
+                           create_optimizer(config, learning_rate))
+  abstract_state = jax.eval_shape(init)
+  checkpoints.check_workdir(workdir, checkpoints.tree_bytes(abstract_state))
+  record = run_record(config, source.num_classes, image_shape, abstract_state)
+  manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+  restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)
+  state = init() if restored is None else restored[1]
   start_step = int(state.step)
+  if restored is not None:
+    logging.info("Resumed from step %d", start_step)
   state = replicate(state)
 
   p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
@@ -148,9 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           axis_name=AXIS, donate_argnums=(0,))
   p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
   local_batch = config.batch_size // jax.process_count()
-  # A resumed run draws a fresh data order rather than replaying the consumed prefix of the stream.
   train_iter = jax_utils.prefetch_to_device(
-      map(shard, input_pipeline.train_dataset(source, config, local_batch, config.seed + start_step)
+      map(shard, input_pipeline.train_dataset(source, config, local_batch, config.seed, start_step)
           .as_numpy_iterator()), 2)
   writer = MetricWriter(workdir)
   eval_metrics, pending, window_start = None, [], time.time()
@@ -176,23 +192,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(step, "train", summary)
     pending, window_start = [], time.time()
 
-  for step in range(start_step + 1, num_steps + 1):
-    state, metrics = p_train_step(state, next(train_iter))
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      flush(step)
-    evaluated = step % eval_every == 0 or step == num_steps
-    if evaluated:
-      flush(step)
-      eval_metrics = evaluate(p_eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                              input_pipeline.eval_batches(source, config, local_batch))
-      logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
-      writer.write(step, "eval", eval_metrics)
-    if evaluated or step % config.checkpoint_every_steps == 0:
-      flush(step)
-      checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), meta,
-                       eval_metrics["accuracy"] if evaluated else None)
-      window_start = time.time()  # Checkpoint and eval time is not training throughput.
+  def save(step, accuracy=None):
+    checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), record, accuracy)
+
+  with preemption.StopRequests() as stop:
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = p_train_step(state, next(train_iter))
+      pending.append(metrics)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        flush(step)
+      evaluated = step % eval_every == 0 or step == num_steps
+      if evaluated:
+        flush(step)
+        eval_metrics = evaluate(p_eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                                input_pipeline.eval_batches(source, config, local_batch))
+        logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
+        writer.write(step, "eval", eval_metrics)
+      if evaluated or step % config.checkpoint_every_steps == 0:
+        flush(step)
+        save(step, eval_metrics["accuracy"] if evaluated else None)
+        window_start = time.time()  # Checkpoint and eval time is not training throughput.
+      if stop.should_stop(step):
+        flush(step)
+        if manager.latest_step() != step:
+          save(step)
+        path = os.path.join(str(manager.directory), str(step))
+        logging.warning("Preempted at step %d; checkpoint saved to %s", step, path)
+        raise preemption.Preempted(step, path, stop.exit_status)
   return finish(config, workdir, source, jax_utils.unreplicate(state), eval_metrics, writer)
 
 

@@ -91,3 +91,32 @@ def test_pad_batch_pads_with_masked_zeros():
   padded = ip.pad_batch(batch, 5, (2, 2, 1))
   np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0, 0])
   assert padded["image"].shape == (5, 2, 2, 1) and padded["image"][3:].sum() == 0
+
+
+def test_a_stream_started_at_step_n_is_the_rest_of_the_uninterrupted_stream(fmnist_dir):
+  config, batch = _config(fmnist_dir), 32  # 256 examples: 8 batches an epoch, so step 13 is inside epoch 1.
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+  whole = list(ip.train_dataset(source, config, batch, seed=0).take(20).as_numpy_iterator())
+  resumed = list(ip.train_dataset(source, config, batch, seed=0, start_step=13).take(7).as_numpy_iterator())
+  for expected, got in zip(whole[13:], resumed):
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+  epochs = [np.sort(np.concatenate([b["label"] for b in whole[8 * e:8 * e + 8]])) for e in range(2)]
+  np.testing.assert_array_equal(epochs[0], epochs[1])  # Each epoch is the whole shard once.
+  assert not np.array_equal(whole[0]["label"], whole[8]["label"])  # Reshuffled every epoch.
+
+
+def test_resuming_deep_into_an_epoch_does_not_decode_the_examples_it_skips(fmnist_dir):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  crops = []
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+
+  def counting_crop(pixels, window):
+    tf.py_function(lambda: crops.append(1) or 0, [], tf.int32)
+    return source.crop(pixels, window)
+
+  counted = dataclasses.replace(source, crop=counting_crop)
+  config = _config(fmnist_dir, cache=False)
+  next(ip.train_dataset(counted, config, 8, seed=0, start_step=30).as_numpy_iterator())  # 240 examples in.
+  assert 8 <= len(crops) < 100

@@ -1,5 +1,6 @@
 """Spec of training: the recipe's pieces, data parallelism, checkpoints and resume, the deploy hand-off, errors."""
 
+import collections
 import json
 import os
 import signal
@@ -9,6 +10,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import repvgg_jax as rv
@@ -18,6 +21,7 @@ from repvgg_jax.equivalence import EquivalenceError
 from tests.precision_emulation import emulated_accelerator_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+shutil_usage = collections.namedtuple("usage", "total used free")
 
 
 def tiny_config(data_dir, **overrides):
@@ -106,7 +110,7 @@ def test_unknown_config_field_is_refused(fmnist_dir, tmp_path):
   config = tiny_config(fmnist_dir)
   config.batchsize = 64
   with pytest.raises(training.ConfigError, match="batchsize"):
-    training.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path), known_fields=default.get_config().keys())
 
 
 def test_batch_not_divisible_by_the_devices_is_refused(fmnist_dir, tmp_path, monkeypatch):
@@ -199,6 +203,83 @@ def test_a_training_run_whose_check_ran_at_default_precision_fails(fmnist_dir, t
     training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), str(tmp_path))
 
 
+
+# --------------------------------------------------------------------------- Damaged checkpoints, up-front checks.
+
+def _damage(checkpoint_dir):
+  """Truncates every data file of a checkpoint, as a full disk or an interrupted copy leaves them."""
+  for root, _, files in os.walk(checkpoint_dir):
+    for name in files:
+      if not name.endswith((".json", "_METADATA", "_CHECKPOINT_METADATA")):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(os.path.getsize(f.name) // 3)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_an_older_one(fmnist_dir, tmp_path, caplog):
+  workdir = str(tmp_path)
+  training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=4, eval_every_steps=100), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # keep_checkpoints = 2.
+  _damage(os.path.join(workdir, "checkpoints", "4"))
+  with caplog.at_level("INFO"):
+    result = training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=6, eval_every_steps=100), workdir)
+  damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(damaged) == 1 and "checkpoints/4 is damaged" in damaged[0] and "\n" not in damaged[0]
+  assert any("Resumed from step 2" in r.getMessage() for r in caplog.records)
+  assert result["step"] == 6
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == ["4"]
+
+
+def test_no_intact_checkpoint_is_one_clear_error(fmnist_dir, tmp_path):
+  workdir = str(tmp_path)
+  training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), workdir)
+  _damage(os.path.join(workdir, "checkpoints", "2"))
+  with pytest.raises(checkpoints.CheckpointError, match="none of the checkpoints.*could be read.*Run again"):
+    training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=4), workdir)
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_not_taken_for_damage(fmnist_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), workdir)
+  monkeypatch.setattr(training, "create_optimizer", lambda config, learning_rate: optax.adam(learning_rate))
+  with pytest.raises(training.ConfigError, match="state_layout"):
+    training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=4), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+
+def test_an_unwritable_workdir_is_refused_before_anything_compiles(fmnist_dir, tmp_path, monkeypatch):
+  (tmp_path / "a_file").write_text("")
+  def too_far(*args, **kwargs):
+    raise AssertionError("got past the up-front checks")
+
+  monkeypatch.setattr(checkpoints, "checkpoint_manager", too_far)  # Before any checkpoint, state or compile.
+  with pytest.raises(checkpoints.CheckpointError, match="cannot write to workdir"):
+    training.train_and_evaluate(tiny_config(fmnist_dir), str(tmp_path / "a_file" / "run"))
+
+
+def test_too_little_free_disk_for_a_checkpoint_is_refused(fmnist_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: shutil_usage(total=10**9, used=10**9, free=10**5))
+  with pytest.raises(checkpoints.CheckpointError, match=r"0\.1 MiB free but a checkpoint of this run takes"):
+    training.train_and_evaluate(tiny_config(fmnist_dir), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_up_front_errors_are_one_line_on_the_command_line(fmnist_dir, tmp_path):
+  (tmp_path / "a_file").write_text("")
+  for workdir, data_dir, message in [(tmp_path / "a_file" / "run", fmnist_dir, "cannot write to workdir"),
+                                     (tmp_path / "run", str(tmp_path), "Fashion-MNIST files not found")]:
+    result = subprocess.run(_train_command(workdir, data_dir), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+
+
+def test_the_library_stands_alone_without_the_repositorys_configs(tmp_path):
+  code = ("import sys, repvgg_jax as rv\nfrom repvgg_jax import training\n"
+          "assert callable(rv.load_pytorch_state_dict) and callable(rv.to_pytorch_state_dict)\n"
+          "assert 'configs' not in sys.modules and 'torch' not in sys.modules")
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+
 # --------------------------------------------------------------------------- The command line, killed and resumed.
 
 def _train_command(workdir, data_dir, **overrides):
@@ -213,30 +294,71 @@ def test_train_py_refuses_bad_input_in_one_line(fmnist_dir, tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-@pytest.mark.slow
-def test_kill_9_then_the_same_command_resumes(fmnist_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  command = _train_command(workdir, fmnist_dir, num_train_steps=400, eval_every_steps=1000, log_every_steps=10,
-                           checkpoint_every_steps=10)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+LONG_RUN = dict(num_train_steps=60, eval_every_steps=1000, log_every_steps=1, checkpoint_every_steps=10)
+
+
+def _deploy_params(workdir):
+  return jax.tree.leaves(checkpoints.load_tree(os.path.join(workdir, "deploy")))
+
+
+def _start_and_stop(command, workdir, at_step, send):
+  """Starts a training command, sends ``send`` once its metrics reach ``at_step``; returns (status, stderr)."""
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline, metrics = time.time() + 300, os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline and process.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(s.isdigit() and int(s) >= 20 for s in os.listdir(ckpt_dir)):
+    if os.path.exists(metrics) and any(line["step"] >= at_step for line in read_metrics(workdir)):
       break
-    time.sleep(0.2)
-  assert process.poll() is None, "training ended before it could be killed"
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = max(line["step"] for line in read_metrics(workdir))
+    time.sleep(0.05)
+  assert process.poll() is None, "training ended before it could be stopped"
+  process.send_signal(send)
+  _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(fmnist_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = subprocess.run(_train_command(workdir, fmnist_dir, **LONG_RUN), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _deploy_params(workdir)
+
+
+def _resume_and_compare(command, workdir, uninterrupted):
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   resumed = [line for line in result.stderr.splitlines() if "Resumed from step" in line]
   assert resumed, result.stderr[-3000:]
-  resumed_step = int(resumed[0].rsplit(" ", 1)[-1])
-  assert resumed_step >= 20 and killed_at - resumed_step <= 10 + 10  # At most one interval (+ one log window).
   final = [line for line in read_metrics(workdir) if line["split"] == "deploy"]
-  assert len(final) == 1 and final[0]["step"] == 400
+  assert len(final) == 1 and final[0]["step"] == 60
+  for got, expected in zip(_deploy_params(workdir), uninterrupted, strict=True):  # Bit-identical.
+    np.testing.assert_array_equal(got, expected)
+  return int(resumed[0].rsplit(" ", 1)[-1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_reached_and_the_resumed_run_ends_bit_identical(fmnist_dir, tmp_path,
+                                                                               uninterrupted_run):
+  workdir = str(tmp_path / "run")
+  command = _train_command(workdir, fmnist_dir, **LONG_RUN)
+  status, stderr = _start_and_stop(command, workdir, at_step=13, send=signal.SIGTERM)
+  assert status == 128 + signal.SIGTERM
+  reached = max(line["step"] for line in read_metrics(workdir))
+  assert 13 <= reached < 60
+  checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(reached))
+  assert f"Preempted at step {reached}; checkpoint saved to {checkpoint}" in stderr
+  assert os.path.isdir(checkpoint) and "Traceback" not in stderr
+  assert _resume_and_compare(command, workdir, uninterrupted_run) == reached
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_and_ends_bit_identical(fmnist_dir, tmp_path, uninterrupted_run):
+  workdir = str(tmp_path / "run")
+  command = _train_command(workdir, fmnist_dir, **LONG_RUN)
+  _start_and_stop(command, workdir, at_step=25, send=signal.SIGKILL)
+  killed_at = max(line["step"] for line in read_metrics(workdir))
+  resumed_step = _resume_and_compare(command, workdir, uninterrupted_run)
+  assert resumed_step >= 20 and killed_at - resumed_step <= 10  # At most one checkpoint interval lost.
 
 
 @pytest.mark.slow
