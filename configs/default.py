@@ -48,6 +48,7 @@ def get_config():
   config.eval_every_steps = -1               # -1 = once per epoch
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2                # newest checkpoints kept, plus the best by eval accuracy
+  config.export_onnx = True                  # also write <workdir>/deploy.onnx (needs the onnx extra)
   config.steps_per_eval = -1                 # -1 = the whole eval split
   # Multi-host (jax.distributed.initialize); empty = single process or auto-detected cluster.
   config.coordinator_address = ""

@@ -1,11 +1,14 @@
-"""Converts RepVGG weights between PyTorch .pth files and orbax checkpoints.
+"""Converts RepVGG weights between PyTorch .pth files and orbax checkpoints, and exports the plain model to ONNX.
 
   # PyTorch -> orbax: <out>/train (params + batch_stats, training-time weights only) and <out>/deploy
   python -m repvgg_jax.convert --model=RepVGG-A0 --pth=RepVGG-A0-train.pth --out=converted/a0
   # orbax -> PyTorch (official naming; --naming=timm for timm's)
   python -m repvgg_jax.convert --model=RepVGG-A0 --orbax=runs/a0/deploy --to_pth=a0_deploy.pth
+  # -> ONNX (the plain model, checked in onnxruntime against JAX), from orbax or straight from PyTorch
+  python -m repvgg_jax.convert --model=RepVGG-A0 --orbax=runs/a0/deploy --to_onnx=a0.onnx
+  python -m repvgg_jax.convert --model=RepVGG-A0 --pth=RepVGG-A0-train.pth --to_onnx=a0.onnx
 
-Needs the `torch` extra: pip install -e '.[torch]'.
+.pth files need the `torch` extra, ONNX the `onnx` extra: pip install -e '.[torch,onnx]'.
 """
 
 import os
@@ -13,7 +16,7 @@ import os
 import jax
 from absl import app, flags
 
-from repvgg_jax import checkpoints
+from repvgg_jax import checkpoints, export
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
@@ -24,6 +27,7 @@ flags.DEFINE_string("pth", None, "PyTorch checkpoint to read (official or timm n
 flags.DEFINE_string("out", None, "Folder for the orbax checkpoints written from --pth.")
 flags.DEFINE_string("orbax", None, "orbax checkpoint to read: training-time variables or deploy params.")
 flags.DEFINE_string("to_pth", None, "PyTorch file to write from --orbax.")
+flags.DEFINE_string("to_onnx", None, "ONNX file of the plain model to write from --orbax or --pth.")
 flags.DEFINE_enum("naming", "official", ["official", "timm"], "Key naming of the written .pth.")
 flags.DEFINE_integer("num_classes", None, "Expected head size; default: read from the checkpoint.")
 FLAGS = flags.FLAGS
@@ -40,28 +44,41 @@ def unwrap_state_dict(obj) -> dict:
 VERIFY_SHAPE = (2, 64, 64, 3)  # Random images on which a converted training-time model must equal its fusion.
 
 
-def pth_to_orbax(model: str, pth: str, out: str, num_classes=None) -> list[str]:
-  """Writes <out>/train (if the .pth is training-time) and <out>/deploy; returns the folders written.
+def _deploy_params(model: str, variables: dict) -> dict:
+  """Deploy params of loaded weights: training-time ones are fused and checked (HIGHEST precision) first."""
+  if "batch_stats" not in variables:
+    return variables["params"]
+  deploy_params = reparam(variables["params"], variables["batch_stats"])
+  classes = variables["params"]["linear"]["kernel"].shape[-1]
+  error = check_equivalence(create_model(model, num_classes=classes), variables,
+                            create_model(model, num_classes=classes, deploy=True), deploy_params,
+                            jax.random.normal(jax.random.key(0), VERIFY_SHAPE))
+  print(f"verified: the fused model equals the training-time model to {error:.1e} of the largest logit")
+  return deploy_params
 
-  Training-time weights are fused, and the fused model is checked against them (HIGHEST precision) first.
-  """
+
+def load_pth(model: str, pth: str, num_classes=None) -> dict:
+  """A .pth file's weights as Flax variables ({'params'[, 'batch_stats']})."""
   import torch  # pylint: disable=g-import-not-at-top
 
   state_dict = unwrap_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
-  variables = load_pytorch_state_dict(state_dict, model, num_classes=num_classes)
+  return load_pytorch_state_dict(state_dict, model, num_classes=num_classes)
+
+
+def load_orbax(orbax_path: str) -> dict:
+  """An orbax tree (training-time variables or deploy params) as Flax variables."""
+  tree = checkpoints.load_tree(orbax_path)
+  return tree if "params" in tree else {"params": tree}
+
+
+def pth_to_orbax(model: str, pth: str, out: str, num_classes=None) -> list[str]:
+  """Writes <out>/train (if the .pth is training-time) and <out>/deploy; returns the folders written."""
+  variables = load_pth(model, pth, num_classes)
   written = []
   if "batch_stats" in variables:
     checkpoints.save_tree(os.path.join(out, "train"), jax.device_get(variables))
     written.append(os.path.join(out, "train"))
-    deploy_params = reparam(variables["params"], variables["batch_stats"])
-    classes = variables["params"]["linear"]["kernel"].shape[-1]
-    error = check_equivalence(create_model(model, num_classes=classes), variables,
-                              create_model(model, num_classes=classes, deploy=True), deploy_params,
-                              jax.random.normal(jax.random.key(0), VERIFY_SHAPE))
-    print(f"verified: the fused model equals the training-time model to {error:.1e} of the largest logit")
-  else:
-    deploy_params = variables["params"]
-  checkpoints.save_tree(os.path.join(out, "deploy"), jax.device_get(deploy_params))
+  checkpoints.save_tree(os.path.join(out, "deploy"), jax.device_get(_deploy_params(model, variables)))
   return written + [os.path.join(out, "deploy")]
 
 
@@ -69,10 +86,21 @@ def orbax_to_pth(model: str, orbax_path: str, to_pth: str, naming: str = "offici
   """Reads training-time variables ({'params', 'batch_stats'}) or deploy params and writes a .pth."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  tree = checkpoints.load_tree(orbax_path)
-  state_dict = to_pytorch_state_dict(tree if "params" in tree else {"params": tree}, naming=naming)
+  state_dict = to_pytorch_state_dict(load_orbax(orbax_path), naming=naming)
   load_pytorch_state_dict(state_dict, model)  # Strict check that these are weights of ``model``.
   torch.save(state_dict, to_pth)
+
+
+def variables_to_onnx(model: str, variables: dict, to_onnx: str) -> float:
+  """Writes the plain model of ``variables`` to ``to_onnx``, checked in onnxruntime first; returns the error."""
+  params = _deploy_params(model, variables)
+  deploy = create_model(model, num_classes=params["linear"]["kernel"].shape[-1], deploy=True)
+  proto = export.to_onnx(deploy, params)
+  channels = params["stage0"]["rbr_reparam"]["kernel"].shape[2]
+  images = jax.random.normal(jax.random.key(1), VERIFY_SHAPE[:3] + (channels,))
+  error = export.check_onnx(proto, deploy, params, images)
+  export.save_onnx(proto, to_onnx)
+  return error
 
 
 def main(argv):
@@ -80,23 +108,22 @@ def main(argv):
   if not FLAGS.model:
     raise app.UsageError("--model is required.")
   if bool(FLAGS.pth) == bool(FLAGS.orbax):
-    raise app.UsageError("Give exactly one of --pth (with --out) or --orbax (with --to_pth).")
-  if FLAGS.pth:
-    if not FLAGS.out:
-      raise app.UsageError("--pth needs --out.")
-    try:
+    raise app.UsageError("Give exactly one of --pth or --orbax.")
+  if (FLAGS.pth and not (FLAGS.out or FLAGS.to_onnx)) or (FLAGS.orbax and not (FLAGS.to_pth or FLAGS.to_onnx)):
+    raise app.UsageError("--pth needs --out and/or --to_onnx; --orbax needs --to_pth and/or --to_onnx.")
+  try:
+    if FLAGS.pth and FLAGS.out:
       for path in pth_to_orbax(FLAGS.model, FLAGS.pth, FLAGS.out, FLAGS.num_classes):
         print(f"wrote {path}")
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
-  else:
-    if not FLAGS.to_pth:
-      raise app.UsageError("--orbax needs --to_pth.")
-    try:
+    if FLAGS.orbax and FLAGS.to_pth:
       orbax_to_pth(FLAGS.model, FLAGS.orbax, FLAGS.to_pth, FLAGS.naming)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
-    print(f"wrote {FLAGS.to_pth}")
+      print(f"wrote {FLAGS.to_pth}")
+    if FLAGS.to_onnx:
+      variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.orbax)
+      error = variables_to_onnx(FLAGS.model, variables, FLAGS.to_onnx)
+      print(f"wrote {FLAGS.to_onnx} (onnxruntime vs JAX: {error:.1e} of the largest logit)")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

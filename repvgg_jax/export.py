@@ -1,15 +1,20 @@
-"""Export of the plain (deploy) model as a serialized ``jax.export`` artifact (StableHLO).
+"""Export of the plain (deploy) model: a serialized ``jax.export`` artifact (StableHLO), and an ONNX graph.
 
-The artifact holds the weights and the computation, with a symbolic batch dimension; loading and running it
-needs only JAX, not this package's model code.
+The ``jax.export`` artifact holds the weights and the computation, with a symbolic batch dimension; loading
+and running it needs only JAX, not this package's model code. The ONNX graph (needs the ``onnx`` extra) is
+what onnxruntime, TensorRT, OpenVINO and mobile converters take. Only the plain form is exported: a
+training-form model or tree, or params of another model, raise ValueError.
 """
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import export as jax_export
+
+from repvgg_jax import equivalence, variants
 
 
 def _assert_plain(params: Mapping, path: str = "") -> None:
@@ -21,6 +26,28 @@ def _assert_plain(params: Mapping, path: str = "") -> None:
       _assert_plain(value, f"{path}{key}/")
 
 
+def check_deploy_params(model, params: Mapping) -> None:
+  """Raises ValueError unless ``model`` is a deploy-form network and ``params`` exactly its parameter tree."""
+  if not getattr(model, "deploy", False):
+    raise ValueError("export takes the deploy-form model: create_model(name, deploy=True).")
+  _assert_plain(params)
+  try:
+    channels = params["stage0"]["rbr_reparam"]["kernel"].shape[2]
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError("params hold no 'stage0/rbr_reparam/kernel': not the params of a deploy model.") from e
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))["params"]
+  expected_paths, got_paths = ({jax.tree_util.keystr(p): tuple(np.shape(leaf))
+                                 for p, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
+                                for tree in (expected, params))
+  problems = [f"missing {p}" for p in sorted(set(expected_paths) - set(got_paths))]
+  problems += [f"unexpected {p}" for p in sorted(set(got_paths) - set(expected_paths))]
+  problems += [f"{p} has shape {got_paths[p]}, the model's is {shape}" for p, shape in sorted(expected_paths.items())
+               if p in got_paths and got_paths[p] != shape]
+  if problems:
+    raise ValueError(f"params do not match the model: {'; '.join(problems[:5])}"
+                     + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + ".")
+
+
 def export_deploy(model, params: Mapping, image_shape: tuple[int, int, int], dtype: Any = jnp.float32,
                   platforms: tuple[str, ...] = ("cpu",)) -> bytes:
   """Serializes ``model.apply({"params": params}, x)`` for x of shape (batch, *image_shape), any batch.
@@ -29,9 +56,7 @@ def export_deploy(model, params: Mapping, image_shape: tuple[int, int, int], dty
   parameters; a training-form tree is refused. ``platforms`` lists where the artifact may run
   (e.g. ("cpu", "cuda", "tpu")).
   """
-  if not getattr(model, "deploy", False):
-    raise ValueError("export_deploy takes the deploy-form model: create_model(name, deploy=True).")
-  _assert_plain(params)
+  check_deploy_params(model, params)
   batch = jax_export.symbolic_shape("batch")[0]
   spec = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), dtype)
   forward = jax.jit(lambda x: model.apply({"params": params}, x))
@@ -48,3 +73,98 @@ def load(path: str) -> Callable[[jax.Array], jax.Array]:
   with open(path, "rb") as f:
     exported = jax_export.deserialize(bytearray(f.read()))
   return exported.call
+
+
+# --------------------------------------------------------------------------- ONNX.
+
+ONNX_OPSET = 17  # Every op used (Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten, Gemm) is older.
+ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer than it knows.
+
+
+def to_onnx(model, params: Mapping, path: Optional[str] = None):
+  """The plain network as an ``onnx.ModelProto``: NCHW float32 input ``images`` (batch, C, height, width),
+  all three symbolic, and one output ``logits`` (batch, num_classes). Written to ``path`` if given.
+
+  Per block: Conv (3x3, the fused bias, pads 1, the block's stride and groups), the SE block where the model
+  has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu; then GlobalAveragePool,
+  Flatten and Gemm. Kernels are transposed once here (HWIO -> OIHW), so the graph holds no Transpose.
+  ``model``/``params`` as for ``export_deploy``; a training-form or mismatched tree raises ValueError.
+  """
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+
+  check_deploy_params(model, params)
+  nodes, weights = [], []
+
+  def constant(name, array):
+    weights.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
+    return name
+
+  def node(op, inputs, name, **attrs):
+    nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+    return name
+
+  def conv(x, kernel_hwio, bias, name, strides=1, groups=1):
+    kernel = np.asarray(kernel_hwio).transpose(3, 2, 0, 1)
+    k = kernel.shape[-1]
+    return node("Conv", [x, constant(f"{name}.weight", kernel), constant(f"{name}.bias", bias)], name,
+                kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides], group=groups)
+
+  x = "images"
+  for spec in variants.block_plan(model.num_blocks, model.width_multiplier, model.groups):
+    block = params[spec.name]
+    fused = block["rbr_reparam"]
+    x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups)
+    if model.use_se:
+      down, up = block["se"]["down"], block["se"]["up"]
+      s = node("GlobalAveragePool", [x], f"{spec.name}.se.pool")
+      s = node("Relu", [conv(s, np.asarray(down["kernel"])[None, None], down["bias"], f"{spec.name}.se.down")],
+               f"{spec.name}.se.down_relu")
+      s = node("Sigmoid", [conv(s, np.asarray(up["kernel"])[None, None], up["bias"], f"{spec.name}.se.up")],
+               f"{spec.name}.se.gate")
+      x = node("Mul", [x, s], f"{spec.name}.se")
+    x = node("Relu", [x], f"{spec.name}.relu")
+  x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+  node("Gemm", [x, constant("linear.weight", params["linear"]["kernel"]), constant("linear.bias",
+                                                                                 params["linear"]["bias"])],
+       "logits")
+  channels = int(params["stage0"]["rbr_reparam"]["kernel"].shape[2])
+  classes = int(params["linear"]["kernel"].shape[-1])
+  graph = helper.make_graph(
+      nodes, "repvgg_deploy",
+      [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", channels, "height", "width"])],
+      [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", classes])], weights)
+  proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                            producer_name="repvgg-jax", ir_version=ONNX_IR_VERSION)
+  onnx.checker.check_model(proto, full_check=True)
+  if path:
+    save_onnx(proto, path)
+  return proto
+
+
+def save_onnx(proto, path: str) -> None:
+  import onnx  # pylint: disable=g-import-not-at-top
+  onnx.save(proto, path)
+
+
+def onnx_session(proto_or_path, threads: int = 0):
+  """An onnxruntime CPU session of an exported model; ``threads`` 0 lets onnxruntime choose."""
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = threads
+  source = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
+  return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(proto_or_path, model, params: Mapping, images, rtol: float = equivalence.RTOL) -> float:
+  """Asserts onnxruntime's logits == the JAX deploy model's (HIGHEST precision) on NHWC ``images``; returns
+  the max error relative to the largest logit, or raises ``equivalence.EquivalenceError``."""
+  images = np.asarray(images, np.float32)
+  expected = np.asarray(equivalence.logits_at_full_precision(model, {"params": params}, images))
+  got = onnx_session(proto_or_path).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
+  error = equivalence.max_relative_error(got, expected)
+  if error > rtol:
+    raise equivalence.EquivalenceError(f"onnxruntime's logits differ from the JAX deploy model's by {error:.2e} "
+                                       f"of the largest logit (bound {rtol:.0e}).")
+  return error

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from repvgg_jax import checkpoints, input_pipeline, preemption
+from repvgg_jax import checkpoints, export, input_pipeline, preemption
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
@@ -239,6 +239,7 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
   checkpoints.save_tree(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
+  onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"])
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
@@ -247,4 +248,22 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
                                 "count": deploy_metrics["count"], "train_form_accuracy": train_accuracy,
                                 "max_relative_error": max_rel_error})
   return {"step": step, "train_form_accuracy": train_accuracy, "deploy_accuracy": deploy_metrics["accuracy"],
-          "max_relative_error": max_rel_error}
+          "max_relative_error": max_rel_error, "onnx_relative_error": onnx_error}
+
+
+def write_onnx(config, workdir: str, deploy_model, deploy_params, images) -> Optional[float]:
+  """``<workdir>/deploy.onnx`` (config.export_onnx), kept only once onnxruntime reproduces the JAX deploy
+  logits on ``images``; returns that error. Without the ``onnx`` extra, one warning line and None."""
+  if not config.export_onnx or jax.process_index() != 0:
+    return None
+  try:
+    import onnx, onnxruntime  # noqa: F401  pylint: disable=g-import-not-at-top,multiple-imports,unused-import
+  except ImportError:
+    logging.warning("deploy.onnx not written: pip install 'repvgg-jax[onnx]' (or set export_onnx=False).")
+    return None
+  path = os.path.join(workdir, "deploy.onnx")
+  proto = export.to_onnx(deploy_model, jax.device_get(deploy_params))
+  error = export.check_onnx(proto, deploy_model, deploy_params, images)
+  export.save_onnx(proto, path)
+  logging.info("Exported %s: onnxruntime matches the JAX deploy logits to %.2e.", path, error)
+  return error

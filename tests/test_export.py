@@ -1,12 +1,18 @@
-"""Spec of the deploy export: a jax.export artifact that runs without the model code, for any batch size."""
+"""Spec of the deploy export: a jax.export artifact that runs without the model code, for any batch size, and an
+ONNX graph that onnxruntime runs with the JAX deploy model's logits."""
+
+import os
+import subprocess
+import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax import export
+from repvgg_jax import checkpoints, equivalence, export
 from tests.helpers import random_variables
 
 SMALL = dict(num_classes=7, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(2, 2, 2, 1))
@@ -42,3 +48,76 @@ def test_exporting_the_training_time_graph_is_refused(trained):
     export.export_deploy(model, variables["params"], (32, 32, 3))
   with pytest.raises(ValueError, match="training-time branch"):
     export.export_deploy(deploy, variables["params"], (32, 32, 3))
+
+
+# --------------------------------------------------------------------------- ONNX.
+
+ONNX_CASES = [("RepVGG-A0", {}), ("RepVGG-B1g4", {}), ("RepVGG-D2se", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5)))]
+
+
+def _plain(name, overrides, seed=0):
+  model = rv.create_model(name, num_classes=10, **overrides)
+  variables = random_variables(model, (1, 32, 32, 3), seed=seed)
+  return rv.create_model(name, num_classes=10, deploy=True, **overrides), rv.reparam(variables["params"],
+                                                                                       variables["batch_stats"])
+
+
+@pytest.mark.parametrize("name,overrides", ONNX_CASES)
+def test_onnx_graph_runs_in_onnxruntime_with_the_jax_deploy_logits(name, overrides):
+  pytest.importorskip("onnxruntime")
+  deploy, plain = _plain(name, overrides)
+  proto = export.to_onnx(deploy, plain)
+  ops = {n.op_type for n in proto.graph.node}
+  assert ops <= {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm", "Sigmoid", "Mul"}  # No Transpose.
+  assert ("Sigmoid" in ops) == (name == "RepVGG-D2se")
+  dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+  assert dims == ["batch", 3, "height", "width"]
+  session = export.onnx_session(proto)
+  for batch, size in [(1, 32), (3, 48)]:
+    x = np.asarray(jax.random.normal(jax.random.key(batch), (batch, size, size, 3)))
+    got = session.run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
+    with jax.default_matmul_precision("highest"):
+      expected = np.asarray(deploy.apply({"params": plain}, x))
+    assert got.shape == (batch, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_onnx_export_refuses_training_form_and_mismatched_params(trained):
+  pytest.importorskip("onnx")
+  model, variables, deploy, plain = trained
+  with pytest.raises(ValueError, match="deploy-form model"):
+    export.to_onnx(model, variables["params"])
+  with pytest.raises(ValueError, match="training-time branch"):
+    export.to_onnx(deploy, variables["params"])
+  other = rv.create_model("RepVGG-B1g2", deploy=True, **{**SMALL, "num_classes": 5})
+  with pytest.raises(ValueError, match=r"params do not match the model: \['linear'\]\['bias'\] has shape"):
+    export.to_onnx(other, plain)
+
+
+def test_a_wrong_onnx_graph_fails_the_check():
+  pytest.importorskip("onnxruntime")
+  deploy, plain = _plain("RepVGG-A0", {})
+  _, other = _plain("RepVGG-A0", {}, seed=1)
+  with pytest.raises(equivalence.EquivalenceError, match="onnxruntime's logits differ"):
+    export.check_onnx(export.to_onnx(deploy, other), deploy, plain, jnp.ones((2, 32, 32, 3)))
+
+
+def test_convert_cli_writes_a_checked_onnx_file_from_orbax_and_refuses_a_mismatch(trained, tmp_path):
+  pytest.importorskip("onnxruntime")
+  model = rv.create_model("RepVGG-A0", num_classes=10)
+  variables = random_variables(model, (1, 32, 32, 3))
+  checkpoints.save_tree(str(tmp_path / "train"), jax.device_get(variables))
+  checkpoints.save_tree(str(tmp_path / "small"), jax.device_get(trained[3]))
+  convert = lambda *args: subprocess.run([sys.executable, "-m", "repvgg_jax.convert", "--model=RepVGG-A0", *args],
+                                         capture_output=True, text=True, timeout=300)
+  onnx_path = str(tmp_path / "a0.onnx")
+  result = convert(f"--orbax={tmp_path}/train", f"--to_onnx={onnx_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "verified: the fused model equals" in result.stdout and "onnxruntime vs JAX" in result.stdout
+  x = np.asarray(jax.random.normal(jax.random.key(3), (2, 40, 40, 3)))
+  got = export.onnx_session(onnx_path).run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
+  expected = np.asarray(model.apply(variables, x))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  result = convert(f"--orbax={tmp_path}/small", f"--to_onnx={tmp_path}/small.onnx")
+  assert result.returncode != 0 and "params do not match the model" in result.stderr
+  assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "small.onnx")

@@ -1,5 +1,6 @@
 """Spec of PyTorch interop, against the real thing: timm's RepVGG with random weights and BN statistics."""
 
+import importlib.util
 import re
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
+from repvgg_jax import export
 from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
 
 torch = pytest.importorskip("torch")
@@ -140,3 +142,8 @@ def test_convert_cli_round_trips_a_pth_through_orbax(tmp_path):
     got = fused(torch.from_numpy(x)).numpy()
   logits_close(got, expected)
   assert run(f"--pth={pth}", f"--out={out}", "--num_classes=1000").returncode != 0
+  if importlib.util.find_spec("onnxruntime"):  # Straight from PyTorch weights to a checked ONNX graph.
+    result = run(f"--pth={pth}", f"--to_onnx={tmp_path / 'a0.onnx'}")
+    assert result.returncode == 0 and "onnxruntime vs JAX" in result.stdout, result.stderr[-3000:]
+    session = export.onnx_session(str(tmp_path / "a0.onnx"))
+    logits_close(session.run(["logits"], {"images": x})[0], expected)

@@ -1,6 +1,7 @@
 """Spec of training: the recipe's pieces, data parallelism, checkpoints and resume, the deploy hand-off, errors."""
 
 import collections
+import importlib.util
 import json
 import os
 import signal
@@ -150,6 +151,8 @@ def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
   assert len(deploy) == 1 and deploy[0]["step"] == 6 and 0.0 <= deploy[0]["accuracy"] <= 1.0
   assert deploy[0]["count"] == 72  # The whole eval split.
   assert result["max_relative_error"] < equivalence.RTOL
+  if importlib.util.find_spec("onnxruntime"):  # The onnx extra: the run also leaves a checked ONNX graph.
+    assert os.path.getsize(os.path.join(workdir, "deploy.onnx")) > 0 and result["onnx_relative_error"] < 1e-5
   # Train and deploy forms agree on the whole eval split (up to float ties).
   assert abs(result["deploy_accuracy"] - result["train_form_accuracy"]) <= 1 / 72
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
