@@ -93,10 +93,11 @@ def main():
   names = ["RepVGG-A0"] if args.smoke else args.models.split(",")
   batch, size, repeats = (2, 64, 2) if args.smoke else (128, 224, 20)
   vs_torch = importlib.util.find_spec("timm") is not None
+  engines = ("jax", "torch") if vs_torch else ("jax",)
   rows = []
   for name in names:
     for dtype in ("float32", "bfloat16"):
-      rows.append(bench.bench_one(name, batch, size, dtype, repeats, vs_torch, train_step=False,
+      rows.append(bench.bench_one(name, batch, size, dtype, repeats, engines,
                                   torch_compile=vs_torch and not args.smoke))
       print(f"done: {name} {dtype} ({time.time() - start:.0f} s)", flush=True)
   paths = backend_paths(["RepVGG-A0"] if args.smoke else ["RepVGG-A0", "RepVGG-B3"], batch, size, repeats)

@@ -1,18 +1,20 @@
 """Benchmark: training form vs deploy form (and timm's PyTorch models), printed as a markdown table.
 
-  python -m repvgg_jax.bench --models=RepVGG-A0,RepVGG-B0,RepVGG-B1g4 --batch_sizes=1,32 --vs_torch \
+  python -m repvgg_jax.bench --models=RepVGG-A0,RepVGG-B0,RepVGG-B1g4 --batch_sizes=1,32 --engines=jax,torch \
       --plot=benchmarks/throughput.png
 
 Per model, batch size and dtype it measures, in one process: inference latency (median, p90 over repeated
 jitted calls after warm-up, each synchronised with ``block_until_ready``) and throughput of the training form
 in eval mode and of the deploy form; XLA's compiled peak memory of each; the wall time of ``reparam``
 (first call, and jitted steady state); and with ``--train_step`` the images/s of one SGD training step
-(with ``--vs_torch`` also timm's, interleaved).
-``--vs_torch`` runs timm's model (training form, and re-parameterized) on the same shapes and the device JAX
+(with the torch engine also timm's, interleaved).
+``--engines`` adds engines to JAX. ``torch`` runs timm's model (training form, and re-parameterized) on the same shapes and the device JAX
 uses (CUDA when JAX runs on a GPU: channels_last, cudnn.benchmark, every timed call synchronised; on the CPU
 the same number of threads), interleaved round by round with the JAX ones (``time_calls``), and reports the
 ratios; bfloat16 rows run timm under ``torch.autocast``. ``--torch_compile`` also times the deploy model
-compiled with ``torch.compile``, the strongest PyTorch baseline. ``--paper`` is the paper's protocol: batch
+compiled with ``torch.compile``, the strongest PyTorch baseline. ``onnxruntime`` (float32 rows) runs this
+project's ONNX export of the deploy form and, with torch installed, timm's re-parameterized model exported by
+``torch.onnx.export``: the same engine on both graphs, on the CPU, with as many threads as the others. ``--paper`` is the paper's protocol: batch
 128, float32, 224 px. Each row also reports the train/deploy equivalence error at HIGHEST precision.
 """
 
@@ -35,8 +37,8 @@ flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
 flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16.")
 flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (after warm-up).")
-flags.DEFINE_bool("vs_torch", False, "Also time timm's PyTorch model, interleaved.")
-flags.DEFINE_bool("torch_compile", False, "With --vs_torch: also time timm's deploy model under torch.compile.")
+flags.DEFINE_list("engines", ["jax"], "Engines, interleaved: jax (always), torch (timm), onnxruntime.")
+flags.DEFINE_bool("torch_compile", False, "With the torch engine: also time timm's deploy model compiled.")
 flags.DEFINE_bool("paper", False, "The paper's protocol: batch 128, float32, 224 px (overrides those flags).")
 flags.DEFINE_bool("train_step", False, "Also time one SGD training step of the training form.")
 flags.DEFINE_string("plot", "", "Write a PNG: the paper's ImageNet top-1 against measured deploy throughput.")
@@ -97,7 +99,7 @@ def _torch_setup(name: str, batch: int, size: int, dtype_name: str):
     import torch  # pylint: disable=g-import-not-at-top
     import timm  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise app.UsageError(f"--vs_torch needs torch and timm installed ({e}).") from e
+    raise app.UsageError(f"the torch engine needs torch and timm installed ({e}).") from e
   device = torch_device()
   if device == "cuda":
     torch.backends.cudnn.benchmark = True
@@ -141,8 +143,35 @@ def _torch_calls(name: str, batch: int, size: int, dtype_name: str, compile_depl
   return calls
 
 
-def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, vs_torch: bool,
-              train_step: bool, torch_compile: bool = False) -> dict:
+def _onnx_calls(name: str, deploy, plain, x, with_timm: bool) -> dict:
+  """onnxruntime on this project's ONNX export of the deploy form, and on timm's exported deploy model."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
+
+  threads = os.cpu_count() or 1
+  images = {"images": np.asarray(x).transpose(0, 3, 1, 2)}
+  calls = {}
+  if with_timm and name in TIMM_NAMES:
+    import torch  # pylint: disable=g-import-not-at-top
+    from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
+    _, _, _, create, _ = _torch_setup(name, 1, x.shape[1], "float32")
+    model = reparameterize_model(create(False)).cpu()
+    # Our graph from timm's fused weights: the same engine, the same numbers, only the graphs differ.
+    plain = rv.load_pytorch_state_dict(model.state_dict(), name, deploy=True)["params"]
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "timm.onnx")
+      torch.onnx.export(model, torch.from_numpy(images["images"][:1]), path, input_names=["images"],
+                        output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, dynamo=False,
+                        opset_version=export.ONNX_OPSET)
+      theirs = export.onnx_session(path, threads)
+    calls["ort timm deploy"] = lambda: theirs.run(["logits"], images)
+  # Height and width fixed as in timm's exported graph, so the engine gets the same problem from both.
+  ours = export.onnx_session(export.to_onnx(deploy, plain, image_size=x.shape[1:3]), threads)
+  return {"ort deploy": lambda: ours.run(["logits"], images), **calls}
+
+
+def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, engines=("jax",),
+              train_step: bool = False, torch_compile: bool = False) -> dict:
   """All measurements of one (model, batch, dtype)."""
   dtype = jnp.dtype(dtype_name)
   model = rv.create_model(name, dtype=dtype)
@@ -162,8 +191,10 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, v
   deploy_vars = {"params": plain}
   calls = {"jax train": lambda: jax.block_until_ready(train_fn(variables, x)),
            "jax deploy": lambda: jax.block_until_ready(deploy_fn(deploy_vars, x))}
-  if vs_torch:
+  if "torch" in engines:
     calls.update(_torch_calls(name, batch, size, dtype_name, torch_compile))
+  if "onnxruntime" in engines and dtype_name == "float32":
+    calls.update(_onnx_calls(name, deploy, plain, x, with_timm="torch" in engines))
   times = time_calls(calls, repeats)
   row = {"model": name, "batch": batch, "dtype": dtype_name,
          "reparam_first_ms": 1e3 * reparam_first_s, "reparam_jit_ms": 1e3 * statistics.median(reparam_jit),
@@ -175,7 +206,7 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, v
     row[key] = _summary(seconds, batch)
   if train_step:
     steps = {"jax step": _train_step_call(model, variables, x)}
-    if vs_torch and name in TIMM_NAMES:
+    if "torch" in engines and name in TIMM_NAMES:
       steps["torch step"] = _torch_train_step_call(name, batch, size, dtype_name)
     for key, seconds in time_calls(steps, max(2, repeats // 3)).items():
       row[key] = _summary(seconds, batch)
@@ -225,12 +256,18 @@ def format_table(rows: list[dict]) -> str:
   has_step = any("jax step" in r for r in rows)
   has_torch_step = any("torch step" in r for r in rows)
   has_compiled = any("torch compiled deploy" in r for r in rows)
+  has_ort = any("ort deploy" in r for r in rows)
+  has_ort_timm = any("ort timm deploy" in r for r in rows)
   head = ["model", "batch", "dtype", "train img/s", "deploy img/s", "deploy/train", "deploy median ms",
           "deploy p90 ms", "mem train/deploy MB", "reparam ms (first, jit)", "max rel err (HIGHEST)"]
   if has_torch:
     head += ["timm train img/s", "timm deploy img/s", "deploy ours/timm"]
   if has_compiled:
     head += ["timm compiled deploy img/s", "deploy ours/compiled"]
+  if has_ort:
+    head += ["ort (our onnx) img/s"]
+  if has_ort_timm:
+    head += ["ort (timm onnx) img/s", "ort ours/timm"]
   if has_step:
     head += ["train step img/s"]
   if has_torch_step:
@@ -251,6 +288,11 @@ def format_table(rows: list[dict]) -> str:
     if has_compiled:
       tc = r.get("torch compiled deploy")
       cells += [f"{tc['img_s']:.1f}", f"{d['img_s'] / tc['img_s']:.2f}x"] if tc else ["-", "-"]
+    if has_ort:
+      cells += [f"{r['ort deploy']['img_s']:.1f}" if "ort deploy" in r else "-"]
+    if has_ort_timm:
+      ot = r.get("ort timm deploy")
+      cells += [f"{ot['img_s']:.1f}", f"{r['ort deploy']['img_s'] / ot['img_s']:.2f}x"] if ot else ["-", "-"]
     if has_step:
       cells += [f"{r['jax step']['img_s']:.1f}" if "jax step" in r else "-"]
     if has_torch_step:
@@ -285,12 +327,15 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def header(vs_torch: bool) -> str:
+def header(engines) -> str:
   """The machine, the devices and the versions the numbers were measured with."""
   text = (f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
           f"jax {jax.__version__}, {FLAGS.image_size} px, {FLAGS.repeats} timed calls, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  if vs_torch:
+  if "onnxruntime" in engines:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    text += f"; onnxruntime {onnxruntime.__version__} on cpu ({os.cpu_count()} threads)"
+  if "torch" in engines:
     import timm  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     device = torch_device()
@@ -303,16 +348,19 @@ def main(argv):
   del argv
   if FLAGS.paper:
     FLAGS.batch_sizes, FLAGS.dtypes, FLAGS.image_size = ["128"], ["float32"], 224
-  if FLAGS.torch_compile and not FLAGS.vs_torch:
-    raise app.UsageError("--torch_compile needs --vs_torch.")
+  unknown = sorted(set(FLAGS.engines) - {"jax", "torch", "onnxruntime"})
+  if unknown:
+    raise app.UsageError(f"unknown engine(s) {unknown}; choose from jax, torch, onnxruntime.")
+  if FLAGS.torch_compile and "torch" not in FLAGS.engines:
+    raise app.UsageError("--torch_compile needs --engines=...,torch.")
   rows = []
   for name in FLAGS.models:
     for batch in (int(b) for b in FLAGS.batch_sizes):
       for dtype_name in FLAGS.dtypes:
-        rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.vs_torch,
+        rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.engines,
                               FLAGS.train_step, FLAGS.torch_compile))
         print(f"done: {name} batch {batch} {dtype_name}", flush=True)
-  print(f"\n{header(FLAGS.vs_torch)}\n")
+  print(f"\n{header(FLAGS.engines)}\n")
   print(format_table(rows))
   if FLAGS.plot:
     plot(rows, FLAGS.plot)

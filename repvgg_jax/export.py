@@ -81,9 +81,11 @@ ONNX_OPSET = 17  # Every op used (Conv, Relu, Sigmoid, Mul, GlobalAveragePool, F
 ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer than it knows.
 
 
-def to_onnx(model, params: Mapping, path: Optional[str] = None):
+def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Optional[tuple[int, int]] = None):
   """The plain network as an ``onnx.ModelProto``: NCHW float32 input ``images`` (batch, C, height, width),
   all three symbolic, and one output ``logits`` (batch, num_classes). Written to ``path`` if given.
+  ``image_size=(H, W)`` fixes height and width (the batch stays symbolic), as fixed-size exporters do
+  (timm's ``torch.onnx.export``); the bench uses it so that onnxruntime gets the same problem from both.
 
   Per block: Conv (3x3, the fused bias, pads 1, the block's stride and groups), the SE block where the model
   has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu; then GlobalAveragePool,
@@ -132,7 +134,8 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None):
   classes = int(params["linear"]["kernel"].shape[-1])
   graph = helper.make_graph(
       nodes, "repvgg_deploy",
-      [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", channels, "height", "width"])],
+      [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT,
+                                     ["batch", channels, *(image_size or ("height", "width"))])],
       [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", classes])], weights)
   proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                             producer_name="repvgg-jax", ir_version=ONNX_IR_VERSION)
