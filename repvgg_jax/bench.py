@@ -47,11 +47,12 @@ FLAGS = flags.FLAGS
 # ImageNet top-1 (%) from the paper (Tables 4 and 5) and the official repository's README.
 PAPER_TOP1 = {"RepVGG-A0": 72.41, "RepVGG-A1": 74.46, "RepVGG-A2": 76.48, "RepVGG-B0": 75.14, "RepVGG-B1": 78.37,
               "RepVGG-B1g2": 77.78, "RepVGG-B1g4": 77.58, "RepVGG-B2": 78.78, "RepVGG-B2g4": 79.38,
-              "RepVGG-B3": 80.52, "RepVGG-B3g4": 80.21}
+              "RepVGG-B3": 80.52, "RepVGG-B3g4": 80.21, "MobileOne-S0": 71.4, "MobileOne-S1": 75.9,
+              "MobileOne-S2": 77.4, "MobileOne-S3": 78.1, "MobileOne-S4": 79.4}
 TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "repvgg_a2", "RepVGG-B0": "repvgg_b0",
               "RepVGG-B1": "repvgg_b1", "RepVGG-B1g4": "repvgg_b1g4", "RepVGG-B2": "repvgg_b2",
               "RepVGG-B2g4": "repvgg_b2g4", "RepVGG-B3": "repvgg_b3", "RepVGG-B3g4": "repvgg_b3g4",
-              "RepVGG-D2se": "repvgg_d2se"}
+              "RepVGG-D2se": "repvgg_d2se", **{f"MobileOne-S{i}": f"mobileone_s{i}" for i in range(5)}}
 
 
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

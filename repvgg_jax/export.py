@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from repvgg_jax import equivalence, variants
+from repvgg_jax import equivalence
+from repvgg_jax.reparam import CONV_BRANCH, IDENTITY_BRANCHES, SMALL_BRANCHES
 
 
 def _assert_plain(params: Mapping, path: str = "") -> None:
   for key, value in params.items():
-    if key in ("rbr_dense", "rbr_1x1", "rbr_identity"):
+    if CONV_BRANCH.fullmatch(key) or key in SMALL_BRANCHES + IDENTITY_BRANCHES:
       raise ValueError(f"{path + key!r} is a training-time branch: export the plain model, i.e. "
                        "reparam(params, batch_stats) into create_model(name, deploy=True).")
     if isinstance(value, Mapping):
@@ -113,11 +114,11 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
                 kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides], group=groups)
 
   x = "images"
-  for spec in variants.block_plan(model.num_blocks, model.width_multiplier, model.groups):
+  for spec in model.plan():
     block = params[spec.name]
     fused = block["rbr_reparam"]
     x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups)
-    if model.use_se:
+    if spec.use_se:
       down, up = block["se"]["down"], block["se"]["up"]
       s = node("GlobalAveragePool", [x], f"{spec.name}.se.pool")
       s = node("Relu", [conv(s, np.asarray(down["kernel"])[None, None], down["bias"], f"{spec.name}.se.down")],

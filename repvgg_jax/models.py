@@ -1,8 +1,9 @@
-"""RepVGG in Flax: the three-branch training-time block, the network, and its plain deploy form.
+"""RepVGG and MobileOne in Flax: the multi-branch training-time blocks, the networks, and their plain deploy form.
 
-Layout is NHWC; kernels are HWIO. Parameter names follow the official PyTorch code (``rbr_dense``,
-``rbr_1x1``, ``rbr_identity``, ``rbr_reparam``, ``se.down``/``se.up``, ``linear``) so that weights map
-one to one.
+Layout is NHWC; kernels are HWIO. Parameter names follow the official PyTorch code (RepVGG: ``rbr_dense``,
+``rbr_1x1``, ``rbr_identity``; MobileOne, apple/ml-mobileone: ``rbr_conv.i``, ``rbr_scale``, ``rbr_skip``;
+both: ``se.down``/``se.up``, ``linear``) so that weights map one to one. Both deploy forms are a stack of
+one convolution with a bias per block (``rbr_reparam``), SE where the variant has it, and ReLU.
 """
 
 import dataclasses
@@ -78,6 +79,24 @@ class SEBlock(nn.Module):
     return x * s[:, None, None, :]
 
 
+def _branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size: int, small_name: str,
+                      identity_name: str):
+  """A training-time block's body, both families: the k x k conv+BN branches ``conv_names``, a 1x1 conv+BN
+  branch where k > 1, an identity BN where in == out channels and stride 1, summed; then SE, ReLU.
+  Called inside ``block``'s compact ``__call__`` (its fields: features, strides, groups, use_se, bn_*)."""
+  branch = functools.partial(ConvBN, block.features, strides=block.strides, groups=block.groups,
+                             bn_momentum=block.bn_momentum, bn_epsilon=block.bn_epsilon,
+                             bn_axis_name=block.bn_axis_name, dtype=block.dtype)
+  y = sum(branch(kernel_size=kernel_size, name=name)(x, train) for name in conv_names)
+  if kernel_size > 1:
+    y = y + branch(kernel_size=1, name=small_name)(x, train)
+  if x.shape[-1] == block.features and block.strides == 1:
+    y = y + _batch_norm(block, train, identity_name)(x)
+  if block.use_se:
+    y = SEBlock(dtype=block.dtype, name="se")(y)
+  return nn.relu(y)
+
+
 class RepVGGBlock(nn.Module):
   """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))).
 
@@ -96,41 +115,94 @@ class RepVGGBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    branch = functools.partial(ConvBN, self.features, strides=self.strides, groups=self.groups,
-                               bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                               bn_axis_name=self.bn_axis_name, dtype=self.dtype)
-    y = branch(kernel_size=3, name="rbr_dense")(x, train) + branch(kernel_size=1, name="rbr_1x1")(x, train)
-    if x.shape[-1] == self.features and self.strides == 1:
-      y = y + _batch_norm(self, train, "rbr_identity")(x)
-    if self.use_se:
-      y = SEBlock(dtype=self.dtype, name="se")(y)
-    return nn.relu(y)
+    return _branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
 
 
-class RepVGGPlainBlock(nn.Module):
-  """The deploy-time block: ReLU(SE(conv3x3(x) + bias)). (N, H, W, Cin) -> (N, H/s, W/s, features)."""
+class MobileOneBlock(nn.Module):
+  """MobileOne's training-time block: ReLU(SE(sum_i BN(convkxk_i(x)) + BN(conv1x1(x)) + BN(x))).
+
+  ``num_conv_branches`` kxk conv+BN branches (``rbr_conv_i``); the 1x1 "scale" branch only where k > 1;
+  the identity BN (``rbr_skip``) only where input and output channels match and the stride is 1. All
+  branches share the stride and groups (``groups`` = channels for the depthwise blocks).
+  """
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  groups: int = 1
+  num_conv_branches: int = 1
+  use_se: bool = False
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    convs = [f"rbr_conv_{i}" for i in range(self.num_conv_branches)]
+    return _branches_se_relu(self, x, train, convs, self.kernel_size, "rbr_scale", "rbr_skip")
+
+
+class PlainBlock(nn.Module):
+  """The deploy-time block of both families: ReLU(SE(convkxk(x) + bias)). (N, H, W, Cin) -> (N, H/s, W/s,
+  features)."""
 
   features: int
   strides: int = 1
   groups: int = 1
   use_se: bool = False
   dtype: Any = jnp.float32
+  kernel_size: int = 3
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # A plain block has no BatchNorm; the argument keeps both forms' call signatures alike.
-    y = Conv(self.features, 3, self.strides, self.groups, use_bias=True, dtype=self.dtype, name="rbr_reparam")(x)
+    y = Conv(self.features, self.kernel_size, self.strides, self.groups, use_bias=True, dtype=self.dtype,
+             name="rbr_reparam")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
     return nn.relu(y)
 
 
-class RepVGG(nn.Module):
-  """The network: stage0..stage4 of RepVGG blocks, global average pool, a dense head.
+def _check_images(x) -> None:
+  if x.ndim != 4:
+    raise ValueError(f"Expected NHWC images of shape (batch, height, width, channels); got shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"Expected float images (normalised); got dtype {x.dtype}. Convert first, "
+                     "e.g. x.astype(jnp.float32) / 255.")
 
-  ``deploy=False`` builds the three-branch training form, ``deploy=True`` the plain 3x3-conv form whose
-  parameters ``reparam`` produces. Input: float images (N, H, W, C). Output: float32 logits (N, num_classes).
+
+class _PlainStackNetwork(nn.Module):
+  """A stack of re-parameterizable blocks (``plan()``), global average pool, a dense head ``linear``.
+
+  ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
+  ``reparam`` produces. Input: float images (N, H, W, C). Output: float32 logits (N, num_classes).
   """
+
+  def plan(self) -> list[variants.BlockSpec]:
+    raise NotImplementedError
+
+  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _check_images(x)
+    x = x.astype(self.dtype)
+    for spec in self.plan():
+      if self.deploy:
+        block = PlainBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.dtype, spec.kernel_size,
+                           name=spec.name)
+      else:
+        block = self.training_block(spec)
+      x = block(x, train)
+    x = global_average_pool(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+    return x.astype(jnp.float32)
+
+
+class RepVGG(_PlainStackNetwork):
+  """RepVGG: stage0..stage4 of RepVGG blocks, global average pool, a dense head."""
 
   num_blocks: Sequence[int]
   width_multiplier: Sequence[float]
@@ -143,42 +215,63 @@ class RepVGG(nn.Module):
   bn_epsilon: float = BN_EPSILON
   bn_axis_name: Optional[str] = None
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    if x.ndim != 4:
-      raise ValueError(f"RepVGG expects NHWC images of shape (batch, height, width, channels); got shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"RepVGG expects float images (normalised); got dtype {x.dtype}. Convert first, "
-                       "e.g. x.astype(jnp.float32) / 255.")
-    x = x.astype(self.dtype)
-    for spec in variants.block_plan(self.num_blocks, self.width_multiplier, self.groups):
-      if self.deploy:
-        block = RepVGGPlainBlock(spec.features, spec.strides, spec.groups, self.use_se, self.dtype, name=spec.name)
-      else:
-        block = RepVGGBlock(spec.features, spec.strides, spec.groups, self.use_se, self.bn_momentum,
-                            self.bn_epsilon, self.bn_axis_name, self.dtype, name=spec.name)
-      x = block(x, train)
-    x = global_average_pool(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-    return x.astype(jnp.float32)
+  def plan(self) -> list[variants.BlockSpec]:
+    return variants.block_plan(self.num_blocks, self.width_multiplier, self.groups, self.use_se)
+
+  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+    return RepVGGBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.bn_momentum, self.bn_epsilon,
+                       self.bn_axis_name, self.dtype, name=spec.name)
 
 
-_OVERRIDABLE = tuple(f.name for f in dataclasses.fields(RepVGG)
-                     if f.name not in ("num_classes", "deploy", "dtype", "parent", "name"))
+class MobileOne(_PlainStackNetwork):
+  """MobileOne: a stem block, then per stage pairs of depthwise 3x3 and pointwise 1x1 MobileOne blocks,
+  global average pool, a dense head."""
+
+  width_multiplier: Sequence[float]
+  num_conv_branches: int = 1
+  se_blocks: Sequence[int] = (0, 0, 0, 0)
+  num_blocks: Sequence[int] = (2, 8, 10, 1)
+  num_classes: int = 1000
+  deploy: bool = False
+  dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
+
+  def plan(self) -> list[variants.BlockSpec]:
+    return variants.mobileone_block_plan(self.num_blocks, self.width_multiplier, self.num_conv_branches,
+                                         self.se_blocks)
+
+  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+    return MobileOneBlock(spec.features, spec.kernel_size, spec.strides, spec.groups, spec.num_conv_branches,
+                          spec.use_se, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
+                          name=spec.name)
+
+
+_NETWORKS = {variants.Variant: RepVGG, variants.MobileOneVariant: MobileOne}
+
+
+def _overridable(network) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(network)
+               if f.name not in ("num_classes", "deploy", "dtype", "parent", "name"))
 
 
 def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dtype: Any = jnp.float32,
-                 **overrides) -> RepVGG:
-  """Builds an official variant by name, e.g. ``create_model("RepVGG-A0")``.
+                 **overrides) -> RepVGG | MobileOne:
+  """Builds an official variant by name, e.g. ``create_model("RepVGG-A0")`` or ``create_model("MobileOne-S0")``.
 
-  ``overrides`` replace fields of the variant or of the network: ``num_blocks``, ``width_multiplier``
-  (a, a, a, b), ``groups``, ``use_se``, ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is the
-  compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics stay float32.
+  ``overrides`` replace fields of the variant or of the network: RepVGG ``num_blocks``, ``width_multiplier``
+  (a, a, a, b), ``groups``, ``use_se``; MobileOne ``num_blocks``, ``width_multiplier`` (per stage),
+  ``num_conv_branches``, ``se_blocks``; both ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is
+  the compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics stay float32.
   """
-  unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+  variant = variants.get_variant(name)
+  network = _NETWORKS[type(variant)]
+  allowed = _overridable(network)
+  unknown = sorted(set(overrides) - set(allowed))
   if unknown:
-    raise ValueError(f"Unknown override(s) {unknown} for {name}; allowed: {', '.join(_OVERRIDABLE)}.")
-  fields = dataclasses.asdict(variants.get_variant(name))
+    raise ValueError(f"Unknown override(s) {unknown} for {name}; allowed: {', '.join(allowed)}.")
+  fields = dataclasses.asdict(variant)
   fields.update(overrides)
   for key in ("num_blocks", "width_multiplier"):
     fields[key] = tuple(fields[key])
@@ -186,4 +279,4 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
       raise ValueError(f"{key} must have 4 entries (stage1..stage4); got {fields[key]}.")
   if num_classes < 1:
     raise ValueError(f"num_classes must be positive; got {num_classes}.")
-  return RepVGG(num_classes=num_classes, deploy=deploy, dtype=dtype, **fields)
+  return network(num_classes=num_classes, deploy=deploy, dtype=dtype, **fields)

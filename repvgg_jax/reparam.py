@@ -1,12 +1,17 @@
-"""Structural re-parameterization as pure functions on arrays and PyTrees.
+"""Structural re-parameterization as pure functions on arrays and PyTrees, for RepVGG and MobileOne blocks.
 
 Each branch of a training-time block is linear up to its BatchNorm, and in eval mode a BatchNorm is an
-affine map per channel, so the three branches fold into one 3x3 convolution with a bias:
+affine map per channel, so the branches fold into one k x k convolution with a bias:
 
-    W = fuse(K3, bn3) + fuse(pad(K1), bn1) + fuse(I, bn_id),   b = b3 + b1 + b_id.
+    W = sum_i fuse(K_i, bn_i) + fuse(pad(K1), bn1) + fuse(I, bn_id),   b = sum_i b_i + b1 + b_id,
 
-Kernels are Flax HWIO arrays. Nothing here mutates its input or keeps state; ``jax.jit(reparam)`` works.
+with the k x k conv branches K_i (RepVGG: one, ``rbr_dense``; MobileOne: ``rbr_conv_i``), the 1x1 branch
+padded to the centre (``rbr_1x1`` / ``rbr_scale``) and the identity (``rbr_identity`` / ``rbr_skip``), for
+any groups, depthwise included. Kernels are Flax HWIO arrays. Nothing here mutates its input or keeps
+state; ``jax.jit(reparam)`` works.
 """
+
+import re
 
 from collections.abc import Mapping
 from typing import Any
@@ -15,8 +20,13 @@ import jax.numpy as jnp
 
 from repvgg_jax.models import BN_EPSILON
 
-BRANCHES = ("rbr_dense", "rbr_1x1", "rbr_identity")
-_BLOCK_KEYS = frozenset(BRANCHES + ("se",))
+CONV_BRANCH = re.compile(r"rbr_dense|rbr_conv_\d+")  # k x k conv + BN.
+SMALL_BRANCHES = ("rbr_1x1", "rbr_scale")  # 1x1 conv + BN, padded to the centre of the k x k kernel.
+IDENTITY_BRANCHES = ("rbr_identity", "rbr_skip")  # BN alone.
+
+
+def _is_block_key(key: str) -> bool:
+  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se",)
 
 
 def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
@@ -34,21 +44,29 @@ def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
   return kernel * t, bias - mean * t
 
 
+def pad_to_center(kernel, size: int):
+  """(k, k, I, O) -> (size, size, I, O), the kernel at the centre taps (size - k even), so that with padding
+  size // 2 it reads the same pixels as before with padding k // 2."""
+  pad = (size - kernel.shape[0]) // 2
+  return jnp.pad(kernel, ((pad, pad), (pad, pad), (0, 0), (0, 0)))
+
+
 def pad_1x1_to_3x3(kernel):
   """(1, 1, I, O) -> (3, 3, I, O), the 1x1 kernel at the centre tap so it lines up with padding 1."""
-  return jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))
+  return pad_to_center(kernel, 3)
 
 
-def identity_kernel(channels: int, groups: int = 1, dtype: Any = jnp.float32):
-  """The 3x3 kernel of x -> x for a grouped conv: (3, 3, channels // groups, channels).
+def identity_kernel(channels: int, groups: int = 1, dtype: Any = jnp.float32, size: int = 3):
+  """The size x size kernel of x -> x for a grouped conv: (size, size, channels // groups, channels).
 
-  Output channel i reads input channel i, which within its group has index i % (channels // groups).
+  Output channel i reads input channel i, which within its group has index i % (channels // groups);
+  ``groups == channels`` is the depthwise case.
   """
   if channels % groups:
     raise ValueError(f"identity_kernel: {groups} groups do not divide {channels} channels.")
   per_group = channels // groups
   out = jnp.arange(channels)
-  return jnp.zeros((3, 3, per_group, channels), dtype).at[1, 1, out % per_group, out].set(1)
+  return jnp.zeros((size, size, per_group, channels), dtype).at[size // 2, size // 2, out % per_group, out].set(1)
 
 
 def _join(path: tuple[str, ...]) -> str:
@@ -84,39 +102,51 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
                path: tuple[str, ...] = ()) -> dict:
   """One training-time block's params and batch_stats -> the plain block's params.
 
-  Input params: ``rbr_dense`` {conv: {kernel (3,3,I,O)}, bn: {scale, bias}}, ``rbr_1x1`` {conv: {kernel
-  (1,1,I,O)}, bn}, optionally ``rbr_identity`` {scale, bias} and ``se``; batch_stats hold ``mean``/``var``
-  for each BatchNorm. Output: {``rbr_reparam``: {kernel (3,3,I,O), bias (O,)}} plus ``se`` unchanged.
-  ``path`` names the block in error messages.
+  Input params (RepVGG / MobileOne names): k x k conv branches ``rbr_dense`` / ``rbr_conv_0``,
+  ``rbr_conv_1``, ... {conv: {kernel (k,k,I,O)}, bn: {scale, bias}}; a 1x1 branch ``rbr_1x1`` /
+  ``rbr_scale`` {conv: {kernel (1,1,I,O)}, bn} (required in RepVGG blocks, present in MobileOne's where
+  k > 1); optionally an identity ``rbr_identity`` / ``rbr_skip`` {scale, bias}, and ``se``. batch_stats hold
+  ``mean``/``var`` for each BatchNorm. Output: {``rbr_reparam``: {kernel (k,k,I,O), bias (O,)}} plus ``se``
+  unchanged. ``path`` names the block in error messages.
   """
-  unknown = sorted(set(block_params) - _BLOCK_KEYS)
+  unknown = sorted(k for k in block_params if not _is_block_key(k))
   if unknown:
-    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a RepVGG block holds "
-                     f"{sorted(_BLOCK_KEYS)}.")
-  for branch in ("rbr_dense", "rbr_1x1"):
-    if branch not in block_params:
-      raise ValueError(f"Block {_join(path)!r} is missing its {branch!r} branch.")
+    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a re-parameterizable block "
+                     f"holds k x k conv branches (rbr_dense or rbr_conv_i), {list(SMALL_BRANCHES)}, "
+                     f"{list(IDENTITY_BRANCHES)} and se.")
+  if "rbr_dense" in block_params and "rbr_1x1" not in block_params:
+    raise ValueError(f"Block {_join(path)!r} is missing its 'rbr_1x1' branch.")
+  convs = sorted((k for k in block_params if CONV_BRANCH.fullmatch(k)), key=lambda k: (len(k), k))
+  if not convs:
+    raise ValueError(f"Block {_join(path)!r} is missing its 'rbr_dense' branch (or MobileOne's 'rbr_conv_0').")
   stats = block_stats if block_stats is not None else {}
   extra = sorted(set(stats) - set(block_params))
   if extra:
     raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
 
-  k3, *bn3 = _bn_branch(block_params["rbr_dense"], stats.get("rbr_dense"), path + ("rbr_dense",), True)
-  k1, *bn1 = _bn_branch(block_params["rbr_1x1"], stats.get("rbr_1x1"), path + ("rbr_1x1",), True)
-  if k3.shape[:2] != (3, 3) or k1.shape[:2] != (1, 1) or k3.shape[2:] != k1.shape[2:]:
-    raise ValueError(f"Block {_join(path)!r}: rbr_dense kernel {k3.shape} and rbr_1x1 kernel {k1.shape} do not "
-                     "form a RepVGG block (expected (3, 3, I, O) and (1, 1, I, O)).")
-  kernel, bias = fuse_bn(k3, *bn3, eps=eps)
-  kernel_1x1, bias_1x1 = fuse_bn(pad_1x1_to_3x3(k1), *bn1, eps=eps)
-  kernel, bias = kernel + kernel_1x1, bias + bias_1x1
+  kernel = bias = None
+  for name in convs:
+    k, *bn = _bn_branch(block_params[name], stats.get(name), path + (name,), True)
+    if kernel is not None and k.shape != kernel.shape:
+      raise ValueError(f"Block {_join(path)!r}: {name} kernel {k.shape} differs from {convs[0]}'s {kernel.shape}.")
+    k, b = fuse_bn(k, *bn, eps=eps)
+    kernel, bias = (k, b) if kernel is None else (kernel + k, bias + b)
+  size, (in_per_group, channels) = kernel.shape[0], kernel.shape[2:]
+  for name in (n for n in SMALL_BRANCHES if n in block_params):
+    k1, *bn1 = _bn_branch(block_params[name], stats.get(name), path + (name,), True)
+    if k1.shape != (1, 1) + kernel.shape[2:]:
+      raise ValueError(f"Block {_join(path)!r}: {convs[0]} kernel {kernel.shape} and {name} kernel {k1.shape} do "
+                       f"not form a block (expected (1, 1, {in_per_group}, {channels})).")
+    k1, b1 = fuse_bn(pad_to_center(k1, size), *bn1, eps=eps)
+    kernel, bias = kernel + k1, bias + b1
 
-  if "rbr_identity" in block_params:
-    _, *bn_id = _bn_branch(block_params["rbr_identity"], stats.get("rbr_identity"), path + ("rbr_identity",), False)
-    in_per_group, channels = k3.shape[2:]
+  for name in (n for n in IDENTITY_BRANCHES if n in block_params):
+    _, *bn_id = _bn_branch(block_params[name], stats.get(name), path + (name,), False)
     if channels % in_per_group:
-      raise ValueError(f"Block {_join(path)!r} has an identity branch but its kernel {k3.shape} does not map "
+      raise ValueError(f"Block {_join(path)!r} has an identity branch but its kernel {kernel.shape} does not map "
                        f"{channels} channels to themselves.")
-    kernel_id, bias_id = fuse_bn(identity_kernel(channels, channels // in_per_group, k3.dtype), *bn_id, eps=eps)
+    kernel_id, bias_id = fuse_bn(identity_kernel(channels, channels // in_per_group, kernel.dtype, size), *bn_id,
+                                 eps=eps)
     kernel, bias = kernel + kernel_id, bias + bias_id
 
   fused = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
@@ -126,7 +156,7 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
 
 
 def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[dict, int]:
-  if "rbr_dense" in params or "rbr_1x1" in params:
+  if any(CONV_BRANCH.fullmatch(k) or k in SMALL_BRANCHES for k in params):
     return fuse_block(params, stats, eps, path), 1
   stats = stats if stats is not None else {}
   extra = sorted(set(stats) - set(params))
@@ -158,6 +188,6 @@ def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> d
                      "variables['batch_stats']).")
   fused, blocks = _reparam_tree(params, batch_stats, eps, ())
   if not blocks:
-    raise ValueError("reparam found no training-time RepVGG block (a subtree with 'rbr_dense') in params; "
-                     "were these params already re-parameterized?")
+    raise ValueError("reparam found no training-time block (a subtree with 'rbr_dense' or 'rbr_conv_0') in "
+                     "params; were these params already re-parameterized?")
   return fused

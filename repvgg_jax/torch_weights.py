@@ -1,4 +1,5 @@
-"""PyTorch state_dict <-> Flax variables, for the official (DingXiaoH) and timm RepVGG key naming.
+"""PyTorch state_dict <-> Flax variables: RepVGG in the official (DingXiaoH) and timm key naming, MobileOne in
+apple/ml-mobileone's ("official") and timm's.
 
 Loading is strict: every missing or unexpected key and every shape mismatch is a ValueError listing them,
 because silently keeping random weights for a misspelt key is the most reported bug of the official loader.
@@ -13,23 +14,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvgg_jax import variants
 from repvgg_jax.models import create_model
 
+# Flax name piece -> official name piece, per family (RepVGG's Flax names are the official ones).
+_OFFICIAL_RENAMES = {"repvgg": {}, "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"}}
 # Official name piece -> timm name piece; applied to whole dot-separated components.
-_TIMM_RENAMES = {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
-                 "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"}
+_TIMM_RENAMES = {
+    "repvgg": {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
+               "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"},
+    "mobileone": {"rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity", "se": "attn",
+                  "reduce": "fc1", "expand": "fc2"},
+}
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
 
-def official_key(path: tuple[str, ...]) -> str:
-  """Flax path, e.g. ('stage1_0', 'rbr_dense', 'bn', 'mean') -> 'stage1.0.rbr_dense.bn.running_mean'."""
+def family(name: str) -> str:
+  """"mobileone" or "repvgg", from an official model name."""
+  return "mobileone" if isinstance(variants.get_variant(name), variants.MobileOneVariant) else "repvgg"
+
+
+def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
+  """Flax path, e.g. ('stage1_0', 'rbr_dense', 'bn', 'mean') -> 'stage1.0.rbr_dense.bn.running_mean';
+  MobileOne's ('stage1_0', 'rbr_conv_2', 'conv', 'kernel') -> 'stage1.0.rbr_conv.2.conv.weight'."""
   block = re.sub(r"^(stage\d)_(\d+)$", r"\1.\2", path[0])
-  return ".".join((block,) + tuple(path[1:-1]) + (_LEAF_TO_TORCH[path[-1]],))
+  middle = (re.sub(r"^rbr_conv_(\d+)$", r"rbr_conv.\1", _OFFICIAL_RENAMES[family].get(p, p)) for p in path[1:-1])
+  return ".".join((block, *middle, _LEAF_TO_TORCH[path[-1]]))
 
 
-def official_to_timm(key: str) -> str:
+def official_to_timm(key: str, family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
   """'stage1.0.rbr_dense.conv.weight' -> 'stages.0.0.conv_kxk.conv.weight'; 'linear.x' -> 'head.fc.x'."""
   parts = key.split(".")
   if parts[0] == "linear":
@@ -40,7 +55,7 @@ def official_to_timm(key: str) -> str:
   else:
     head = ["stages", str(int(parts[0][len("stage"):]) - 1), parts[1]]
     rest = parts[2:]
-  return ".".join(head + [_TIMM_RENAMES.get(p, p) for p in rest])
+  return ".".join(head + [_TIMM_RENAMES[family].get(p, p) for p in rest])
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -83,12 +98,12 @@ def _format(keys, limit: int = 20) -> str:
 
 def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
                             deploy: Optional[bool] = None, **overrides) -> dict:
-  """A PyTorch RepVGG state_dict (official or timm naming, training-time or deploy) -> Flax variables.
+  """A PyTorch RepVGG or MobileOne state_dict (official or timm naming, training-time or deploy) -> Flax variables.
 
   Args:
     state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
       ``num_batches_tracked`` buffers are ignored.
-    name: the official variant name, e.g. "RepVGG-A0".
+    name: the official variant name, e.g. "RepVGG-A0" or "MobileOne-S0".
     num_classes: the head size; None reads it from the checkpoint.
     deploy: expected form; None detects it from the keys. A mismatch is an error.
     **overrides: passed to ``create_model``.
@@ -114,7 +129,9 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
   model = create_model(name, num_classes=head_classes, deploy=is_deploy, **overrides)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  to_key = (lambda path: official_to_timm(official_key(path))) if naming == "timm" else official_key
+  kind = family(name)
+  to_key = ((lambda path: official_to_timm(official_key(path, kind), kind)) if naming == "timm"
+            else (lambda path: official_key(path, kind)))
   expected, missing, mismatched = {}, [], []
 
   def convert(path, leaf):
@@ -145,23 +162,37 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   return dict(variables)
 
 
+def _family_of(variables: Mapping) -> str:
+  """MobileOne trees have its branch names, or (deploy) 1x1 fused kernels, which RepVGG never has."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
+    names = [p.key for p in path]
+    if any(re.fullmatch(r"rbr_conv_\d+|rbr_scale|rbr_skip", n) for n in names):
+      return "mobileone"
+    if names[-2:] == ["rbr_reparam", "kernel"] and np.shape(leaf)[0] == 1:
+      return "mobileone"
+  return "repvgg"
+
+
 def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
   """Flax variables (training-time or deploy) -> a state_dict of torch tensors in official (or timm) naming.
 
-  BatchNorm layers get the ``num_batches_tracked`` buffer PyTorch expects, so ``load_state_dict`` is strict.
+  "official" is DingXiaoH's naming for RepVGG and apple/ml-mobileone's for MobileOne (told apart by the
+  tree). BatchNorm layers get the ``num_batches_tracked`` buffer PyTorch expects, so ``load_state_dict`` is
+  strict.
   """
   import torch  # pylint: disable=g-import-not-at-top
 
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
+  kind = _family_of(variables)
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = tuple(p.key for p in path)
-    key = official_key(names[1:])
+    key = official_key(names[1:], kind)
     array = np.asarray(_flax_to_torch(np.asarray(leaf), key))
     if names[0] == "batch_stats" and names[-1] == "mean":
       out[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
     out[key] = torch.from_numpy(np.array(array))  # A writable copy: PyTorch may write into it.
   if naming == "timm":
-    out = {official_to_timm(k): v for k, v in out.items()}
+    out = {official_to_timm(k, kind): v for k, v in out.items()}
   return out

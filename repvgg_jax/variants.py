@@ -1,4 +1,5 @@
-"""The official RepVGG variants (Ding et al., CVPR 2021, Table 2 and the official repository).
+"""The official RepVGG variants (Ding et al., CVPR 2021, Table 2 and the official repository), and MobileOne's
+(Vasu et al., CVPR 2023, Table 2; apple/ml-mobileone).
 
 A variant is fixed by four numbers per stage and two flags:
   * ``num_blocks``: blocks in stage1..stage4 (stage0 is always one block);
@@ -6,6 +7,12 @@ A variant is fixed by four numbers per stage and two flags:
   * ``groups``: the gN variants use N-group convolutions in layers 2, 4, ..., 26, counting blocks from 1 at
     stage1's first block (stage0 is never grouped);
   * ``use_se``: D2se puts squeeze-and-excitation on the sum of the branches, before the ReLU.
+
+A MobileOne variant: a 3x3 stride-2 stem block of min(64, 64 w1) channels, then per stage (depths 2, 8, 10,
+1; widths 64 w1, 128 w2, 256 w3, 512 w4) pairs of a depthwise 3x3 block (stride 2 for a stage's first pair)
+and a pointwise 1x1 block; every block trains with ``num_conv_branches`` (k) conv+BN branches, a 1x1 scale
+branch (3x3 blocks only) and an identity BN where shapes allow; the last ``se_blocks`` pairs of a stage
+have SE. S0 uses k = 4, S1-S4 k = 1; S4 puts SE on the last 5 pairs of stage3 and on stage4.
 """
 
 import dataclasses
@@ -33,6 +40,14 @@ class Variant:
     return {layer: self.groups for layer in GROUPWISE_LAYERS}
 
 
+@dataclasses.dataclass(frozen=True)
+class MobileOneVariant:
+  width_multiplier: tuple[float, float, float, float]
+  num_conv_branches: int = 1
+  se_blocks: tuple[int, int, int, int] = (0, 0, 0, 0)
+  num_blocks: tuple[int, int, int, int] = (2, 8, 10, 1)
+
+
 def _ab(a: float, b: float) -> tuple[float, float, float, float]:
   return (a, a, a, b)
 
@@ -52,6 +67,11 @@ VARIANTS: dict[str, Variant] = {
     "RepVGG-B3g2": Variant(B_DEPTHS, _ab(3, 5), groups=2),
     "RepVGG-B3g4": Variant(B_DEPTHS, _ab(3, 5), groups=4),
     "RepVGG-D2se": Variant(D_DEPTHS, _ab(2.5, 5), use_se=True),
+    "MobileOne-S0": MobileOneVariant((0.75, 1.0, 1.0, 2.0), num_conv_branches=4),
+    "MobileOne-S1": MobileOneVariant((1.5, 1.5, 2.0, 2.5)),
+    "MobileOne-S2": MobileOneVariant((1.5, 2.0, 2.5, 4.0)),
+    "MobileOne-S3": MobileOneVariant((2.0, 2.5, 3.0, 4.0)),
+    "MobileOne-S4": MobileOneVariant((3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
 }
 
 
@@ -60,7 +80,7 @@ def list_models() -> list[str]:
   return list(VARIANTS)
 
 
-def get_variant(name: str) -> Variant:
+def get_variant(name: str) -> Variant | MobileOneVariant:
   """Looks a variant up by its official name; an unknown name raises ValueError naming the closest ones."""
   if name in VARIANTS:
     return VARIANTS[name]
@@ -72,14 +92,18 @@ def get_variant(name: str) -> Variant:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """One RepVGG block of the network: its parameter-tree name, output channels, stride and groups."""
+  """One block of a network: its parameter-tree name, output channels, stride, groups, kernel size, number of
+  kxk conv branches and whether it has SE."""
   name: str
   features: int
   strides: int
   groups: int
+  kernel_size: int = 3
+  num_conv_branches: int = 1
+  use_se: bool = False
 
 
-def block_plan(num_blocks, width_multiplier, groups: int = 1) -> list[BlockSpec]:
+def block_plan(num_blocks, width_multiplier, groups: int = 1, use_se: bool = False) -> list[BlockSpec]:
   """The blocks of a network, stage0 first, exactly as the official ``RepVGG._make_stage`` lays them out.
 
   Block names are ``stage0`` and ``stage{s}_{i}`` (the official PyTorch ``stage{s}.{i}``). Every stage
@@ -88,15 +112,34 @@ def block_plan(num_blocks, width_multiplier, groups: int = 1) -> list[BlockSpec]
   a = width_multiplier
   widths = (int(64 * a[0]), int(128 * a[1]), int(256 * a[2]), int(512 * a[3]))
   grouped = set(GROUPWISE_LAYERS) if groups > 1 else set()
-  plan = [BlockSpec("stage0", min(64, int(64 * a[0])), 2, 1)]
+  plan = [BlockSpec("stage0", min(64, int(64 * a[0])), 2, 1, use_se=use_se)]
   layer = 1
   for stage, (depth, width) in enumerate(zip(num_blocks, widths), start=1):
     for i in range(depth):
-      spec = BlockSpec(f"stage{stage}_{i}", width, 2 if i == 0 else 1, groups if layer in grouped else 1)
+      spec = BlockSpec(f"stage{stage}_{i}", width, 2 if i == 0 else 1, groups if layer in grouped else 1,
+                       use_se=use_se)
       in_channels = plan[-1].features
       if in_channels % spec.groups or spec.features % spec.groups:
         raise ValueError(f"{spec.name}: {spec.groups} groups do not divide its {in_channels} input and "
                          f"{spec.features} output channels; choose width_multiplier or groups to match.")
       plan.append(spec)
       layer += 1
+  return plan
+
+
+def mobileone_block_plan(num_blocks, width_multiplier, num_conv_branches: int = 1,
+                         se_blocks=(0, 0, 0, 0)) -> list[BlockSpec]:
+  """MobileOne's blocks, stem first, as apple/ml-mobileone lays them out: ``stage{s}_{j}`` is its
+  ``stage{s}.{j}``, even j a depthwise 3x3 block, odd j the pointwise 1x1 block after it."""
+  w = width_multiplier
+  channels = min(64, int(64 * w[0]))
+  plan = [BlockSpec("stage0", channels, 2, 1)]  # The stem has one conv branch in every variant.
+  for stage, (depth, width, se) in enumerate(zip(num_blocks, (64, 128, 256, 512), se_blocks), start=1):
+    out = int(width * w[stage - 1])
+    for i in range(depth):
+      use_se = i >= depth - se
+      plan.append(BlockSpec(f"stage{stage}_{2 * i}", channels, 2 if i == 0 else 1, channels, 3, num_conv_branches,
+                            use_se))
+      plan.append(BlockSpec(f"stage{stage}_{2 * i + 1}", out, 1, 1, 1, num_conv_branches, use_se))
+      channels = out
   return plan

@@ -97,3 +97,20 @@ def write_fake_fashion_mnist(directory, num_train: int = 256, num_test: int = 72
     write_idx(f"{directory}/{prefix}-images-idx3-ubyte.gz", images)
     write_idx(f"{directory}/{prefix}-labels-idx1-ubyte.gz", labels)
   return str(directory)
+
+
+def randomize_torch_batchnorms(model, seed: int, scale_range=(0.4, 1.2)):
+  """Gives every BatchNorm2d of a PyTorch model random affine parameters (scales in ``scale_range``) and
+  running statistics, so that no BN is the identity; returns the model in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  gen = torch.Generator().manual_seed(seed)
+  low, high = scale_range
+  for module in model.modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      n = module.num_features
+      module.weight.data = torch.rand(n, generator=gen) * (high - low) + low
+      module.bias.data = torch.randn(n, generator=gen) * 0.1
+      module.running_mean.data = torch.randn(n, generator=gen) * 0.1
+      module.running_var.data = torch.rand(n, generator=gen) * 1.5 + 0.5
+  return model.eval()

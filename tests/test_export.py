@@ -52,7 +52,8 @@ def test_exporting_the_training_time_graph_is_refused(trained):
 
 # --------------------------------------------------------------------------- ONNX.
 
-ONNX_CASES = [("RepVGG-A0", {}), ("RepVGG-B1g4", {}), ("RepVGG-D2se", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5)))]
+ONNX_CASES = [("RepVGG-A0", {}), ("RepVGG-B1g4", {}), ("RepVGG-D2se", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
+              ("MobileOne-S0", {}), ("MobileOne-S4", dict(width_multiplier=(0.5, 0.5, 0.5, 0.5)))]
 
 
 def _plain(name, overrides, seed=0):
@@ -69,7 +70,7 @@ def test_onnx_graph_runs_in_onnxruntime_with_the_jax_deploy_logits(name, overrid
   proto = export.to_onnx(deploy, plain)
   ops = {n.op_type for n in proto.graph.node}
   assert ops <= {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm", "Sigmoid", "Mul"}  # No Transpose.
-  assert ("Sigmoid" in ops) == (name == "RepVGG-D2se")
+  assert ("Sigmoid" in ops) == (name in ("RepVGG-D2se", "MobileOne-S4"))
   dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
   assert dims == ["batch", 3, "height", "width"]
   session = export.onnx_session(proto)

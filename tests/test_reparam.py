@@ -71,7 +71,7 @@ def test_block_fusion_is_exact_in_float64(kind):
   cin, cout, stride, groups, use_se = BLOCK_KINDS[kind]
   eps = models.BN_EPSILON
   train = models.RepVGGBlock(cout, stride, groups, use_se, dtype=jnp.float64)
-  plain = models.RepVGGPlainBlock(cout, stride, groups, use_se, dtype=jnp.float64)
+  plain = models.PlainBlock(cout, stride, groups, use_se, dtype=jnp.float64)
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 9, 9, cin)))
     variables = random_variables(train, x.shape, seed=3, dtype=np.float64)
@@ -125,7 +125,7 @@ def test_reparam_respects_a_non_default_bn_epsilon():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 5, 4)))
     v = random_variables(net, x.shape, dtype=np.float64)
     y = net.apply(v, x)
-    plain = models.RepVGGPlainBlock(4, dtype=jnp.float64)
+    plain = models.PlainBlock(4, dtype=jnp.float64)
     right = plain.apply({"params": fuse_block(v["params"], v["batch_stats"], block_eps)}, x)
     wrong = plain.apply({"params": fuse_block(v["params"], v["batch_stats"])}, x)
   np.testing.assert_allclose(right, y, atol=EXACT_F64)

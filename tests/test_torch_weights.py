@@ -11,6 +11,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax import export
 from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
+from tests.helpers import randomize_torch_batchnorms
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -25,16 +26,7 @@ pytestmark = pytest.mark.usefixtures("full_precision")
 def timm_model(timm_name, seed=0):
   """timm's model in eval mode, its BatchNorms given random affine parameters and running statistics."""
   torch.manual_seed(seed)
-  model = timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES)
-  gen = torch.Generator().manual_seed(seed)
-  for module in model.modules():
-    if isinstance(module, torch.nn.BatchNorm2d):
-      n = module.num_features
-      module.weight.data = torch.rand(n, generator=gen) * 0.8 + 0.4
-      module.bias.data = torch.randn(n, generator=gen) * 0.1
-      module.running_mean.data = torch.randn(n, generator=gen) * 0.1
-      module.running_var.data = torch.rand(n, generator=gen) * 1.5 + 0.5
-  return model.eval()
+  return randomize_torch_batchnorms(timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES), seed)
 
 
 def timm_to_official(key):

@@ -86,7 +86,7 @@ def test_official_configs_hold_the_recipe():
   assert (config.momentum, config.nesterov, config.learning_rate, config.weight_decay) == (0.9, True, 0.1, 1e-4)
   assert (config.label_smoothing, config.warmup_epochs, config.num_epochs, config.image_size) == (0.1, 5, 120, 224)
   import importlib  # pylint: disable=g-import-not-at-top
-  for name in rv.list_models():
+  for name in (n for n in rv.list_models() if n.startswith("RepVGG")):
     module = importlib.import_module(f"configs.{name.split('-')[1].lower()}")
     variant = module.get_config()
     assert variant.model == name
