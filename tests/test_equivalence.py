@@ -35,7 +35,7 @@ def test_the_emulation_rounds_default_precision_and_spares_highest(accelerator_p
   assert float(jnp.abs(default - bf16).max()) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"])
+@pytest.mark.parametrize("name", ["RepVGG-B1g4", "RepVGG-D2se"])  # Grouped; SE.
 def test_a_default_precision_comparison_fails_where_the_check_holds(name, accelerator_precision):
   model, v, deploy, plain, x = _forms(name)
   y_train = jax.jit(lambda v, x: model.apply(v, x))(v, x)
