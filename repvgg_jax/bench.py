@@ -15,7 +15,7 @@ ratios; bfloat16 rows run timm under ``torch.autocast``. ``--torch_compile`` als
 compiled with ``torch.compile``, the strongest PyTorch baseline. ``onnxruntime`` (float32 rows) runs this
 project's ONNX export of the deploy form and, with torch installed, timm's re-parameterized model exported by
 ``torch.onnx.export``: the same engine on both graphs, on the CPU, with as many threads as the others. ``--paper`` is the paper's protocol: batch
-128, float32, 224 px. Each row also reports the train/deploy equivalence error at HIGHEST precision.
+128, float32, 224 px. Each row also reports the train/deploy error at HIGHEST precision (measured, not asserted).
 """
 
 import functools
@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_jax as rv
-from repvgg_jax.equivalence import check_equivalence
+from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
@@ -171,6 +171,18 @@ def _onnx_calls(name: str, deploy, plain, x, with_timm: bool) -> dict:
   return {"ort deploy": lambda: ours.run(["logits"], images), **calls}
 
 
+def forms_error(model, variables, deploy, plain, images) -> float:
+  """Train form (eval) vs deploy form in float32 at HIGHEST precision, relative to the largest logit.
+
+  Reported, not asserted (the tests assert): a deep network at its random initialisation can be so badly
+  conditioned that float32 alone differs by ~1e-3 (MobileOne-S4, logits ~2000), which says nothing of the
+  fusion.
+  """
+  y_train = logits_at_full_precision(model.clone(dtype=jnp.float32), variables, images, train=False)
+  y_deploy = logits_at_full_precision(deploy.clone(dtype=jnp.float32), {"params": plain}, images)
+  return max_relative_error(y_deploy, y_train)
+
+
 def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, engines=("jax",),
               train_step: bool = False, torch_compile: bool = False) -> dict:
   """All measurements of one (model, batch, dtype)."""
@@ -201,8 +213,7 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, e
          "reparam_first_ms": 1e3 * reparam_first_s, "reparam_jit_ms": 1e3 * statistics.median(reparam_jit),
          "train_mem_mb": peak_memory_mb(train_fn, variables, x),
          "deploy_mem_mb": peak_memory_mb(deploy_fn, deploy_vars, x),
-         "equivalence": check_equivalence(model.clone(dtype=jnp.float32), variables,
-                                          deploy.clone(dtype=jnp.float32), plain, x[:8])}
+         "equivalence": forms_error(model, variables, deploy, plain, x[:8])}
   for key, seconds in times.items():
     row[key] = _summary(seconds, batch)
   if train_step:
