@@ -64,10 +64,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, accu
   manager.wait_until_finished()
 
 
+def _damaged_dir(manager: ocp.CheckpointManager) -> str:
+  return os.path.join(os.path.dirname(str(manager.directory)), DAMAGED)
+
+
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
   """Moves a damaged step out of the manager's directory, with one warning line saying where and why."""
   source = os.path.join(str(manager.directory), str(step))
-  target = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED, str(step))
+  target = os.path.join(_damaged_dir(manager), str(step))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
@@ -104,7 +108,7 @@ def restore_newest_intact(manager: ocp.CheckpointManager, accept_meta: Callable[
     return step, state
   if steps:
     raise CheckpointError(f"none of the checkpoints in {manager.directory} (steps {steps}) could be read; they "
-                          f"were moved to {os.path.join(os.path.dirname(str(manager.directory)), DAMAGED)}. "
+                          f"were moved to {_damaged_dir(manager)}. "
                           "Run again to start from scratch, or restore them from a backup.")
   return None
 

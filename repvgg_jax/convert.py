@@ -71,34 +71,32 @@ def load_orbax(orbax_path: str) -> dict:
   return tree if "params" in tree else {"params": tree}
 
 
-def pth_to_orbax(model: str, pth: str, out: str, num_classes=None) -> list[str]:
-  """Writes <out>/train (if the .pth is training-time) and <out>/deploy; returns the folders written."""
-  variables = load_pth(model, pth, num_classes)
+def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
+  """Writes <out>/train (for training-time variables) and <out>/deploy; returns the folders written."""
   written = []
   if "batch_stats" in variables:
     checkpoints.save_tree(os.path.join(out, "train"), jax.device_get(variables))
     written.append(os.path.join(out, "train"))
-  checkpoints.save_tree(os.path.join(out, "deploy"), jax.device_get(_deploy_params(model, variables)))
+  checkpoints.save_tree(os.path.join(out, "deploy"), jax.device_get(deploy_params))
   return written + [os.path.join(out, "deploy")]
 
 
-def orbax_to_pth(model: str, orbax_path: str, to_pth: str, naming: str = "official") -> None:
-  """Reads training-time variables ({'params', 'batch_stats'}) or deploy params and writes a .pth."""
+def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official") -> None:
+  """Writes training-time variables ({'params', 'batch_stats'}) or deploy params ({'params'}) as a .pth."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  state_dict = to_pytorch_state_dict(load_orbax(orbax_path), naming=naming)
+  state_dict = to_pytorch_state_dict(variables, naming=naming)
   load_pytorch_state_dict(state_dict, model)  # Strict check that these are weights of ``model``.
   torch.save(state_dict, to_pth)
 
 
-def variables_to_onnx(model: str, variables: dict, to_onnx: str) -> float:
-  """Writes the plain model of ``variables`` to ``to_onnx``, checked in onnxruntime first; returns the error."""
-  params = _deploy_params(model, variables)
-  deploy = create_model(model, num_classes=params["linear"]["kernel"].shape[-1], deploy=True)
-  proto = export.to_onnx(deploy, params)
-  channels = params["stage0"]["rbr_reparam"]["kernel"].shape[2]
+def write_onnx(model: str, deploy_params: dict, to_onnx: str) -> float:
+  """Writes the plain model to ``to_onnx``, checked in onnxruntime first; returns the error."""
+  deploy = create_model(model, num_classes=deploy_params["linear"]["kernel"].shape[-1], deploy=True)
+  proto = export.to_onnx(deploy, deploy_params)
+  channels = deploy_params["stage0"]["rbr_reparam"]["kernel"].shape[2]
   images = jax.random.normal(jax.random.key(1), VERIFY_SHAPE[:3] + (channels,))
-  error = export.check_onnx(proto, deploy, params, images)
+  error = export.check_onnx(proto, deploy, deploy_params, images)
   export.save_onnx(proto, to_onnx)
   return error
 
@@ -112,15 +110,17 @@ def main(argv):
   if (FLAGS.pth and not (FLAGS.out or FLAGS.to_onnx)) or (FLAGS.orbax and not (FLAGS.to_pth or FLAGS.to_onnx)):
     raise app.UsageError("--pth needs --out and/or --to_onnx; --orbax needs --to_pth and/or --to_onnx.")
   try:
+    variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.orbax)
+    # Fused (and checked) once, for whichever outputs need the plain model.
+    deploy_params = _deploy_params(FLAGS.model, variables) if FLAGS.out or FLAGS.to_onnx else None
     if FLAGS.pth and FLAGS.out:
-      for path in pth_to_orbax(FLAGS.model, FLAGS.pth, FLAGS.out, FLAGS.num_classes):
+      for path in write_orbax(variables, deploy_params, FLAGS.out):
         print(f"wrote {path}")
     if FLAGS.orbax and FLAGS.to_pth:
-      orbax_to_pth(FLAGS.model, FLAGS.orbax, FLAGS.to_pth, FLAGS.naming)
+      write_pth(FLAGS.model, variables, FLAGS.to_pth, FLAGS.naming)
       print(f"wrote {FLAGS.to_pth}")
     if FLAGS.to_onnx:
-      variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.orbax)
-      error = variables_to_onnx(FLAGS.model, variables, FLAGS.to_onnx)
+      error = write_onnx(FLAGS.model, deploy_params, FLAGS.to_onnx)
       print(f"wrote {FLAGS.to_onnx} (onnxruntime vs JAX: {error:.1e} of the largest logit)")
   except ValueError as e:
     raise app.UsageError(str(e)) from e
