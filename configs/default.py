@@ -14,9 +14,11 @@ def get_config():
   # create_model overrides of the variant; None keeps the official value.
   config.model_overrides = ml_collections.ConfigDict({
       "num_blocks": placeholder(tuple),        # blocks in stage1..stage4
-      "width_multiplier": placeholder(tuple),  # (a, a, a, b)
-      "groups": placeholder(int),              # groups of layers 2, 4, ..., 26
-      "use_se": placeholder(bool),
+      "width_multiplier": placeholder(tuple),  # RepVGG (a, a, a, b); MobileOne one per stage
+      "groups": placeholder(int),              # RepVGG: groups of layers 2, 4, ..., 26
+      "use_se": placeholder(bool),             # RepVGG
+      "num_conv_branches": placeholder(int),   # MobileOne: k, the conv+BN branches per layer
+      "se_blocks": placeholder(tuple),         # MobileOne: SE in the last n blocks of stage1..stage4
   })
   config.half_precision = False              # bf16 compute; params and BN statistics stay float32
   # Data.
@@ -25,6 +27,9 @@ def get_config():
   config.train_split = "train"
   config.eval_split = "validation"
   config.image_size = 224                    # RandomResizedCrop output and eval crop size
+  config.autoaugment_strength = 0.0          # > 0: AutoAugment's ImageNet policy, magnitudes scaled by this
+  config.progressive_learning = ()           # ((0, size, strength), (epoch, size, strength), ...): training
+                                             # crop size and AutoAugment strength from each epoch on; () = the two above
   config.crop_area_min = 0.08                # RandomResizedCrop area range (min, 1)
   config.eval_crop_ratio = 0.875             # eval: resize, then centre crop of 224 / 256 of the short side
   config.random_flip = True                  # horizontal flip in training
@@ -40,8 +45,10 @@ def get_config():
   config.learning_rate = 0.1                 # per 256 images; scaled by batch_size / 256
   config.warmup_epochs = 5.0                 # linear warm-up, then cosine decay to 0
   config.weight_decay = 1e-4                 # not on biases nor on the 3x3/1x1 branches' BN scales
+  config.final_weight_decay = -1.0           # >= 0: weight decay cosine-annealed to this (MobileOne); < 0: constant
   config.label_smoothing = 0.1
   config.mixup_alpha = 0.0                   # > 0 enables mixup (the 200-epoch recipe uses 0.2)
+  config.ema_decay = 0.0                     # > 0: evaluate and deploy a moving average of the weights (MobileOne)
   # Bookkeeping.
   config.seed = 0
   config.log_every_steps = 100

@@ -16,6 +16,8 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from repvgg_jax.autoaugment import autoaugment  # pylint: disable=g-import-not-at-top
+
 # TensorFlow is only the input pipeline's engine: it must not grab an accelerator nor compete with XLA's threads.
 try:
   tf.config.set_visible_devices([], "GPU")
@@ -173,27 +175,33 @@ def center_crop_window(shape, ratio: float):
   return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
 
 
-def _finish(image, size: int, mean, std):
-  image = tf.image.resize(image, (size, size), method="bilinear", antialias=False)
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(mean)) / tf.constant(std)
+def _resize(image, size: int):
+  return tf.image.resize(image, (size, size), method="bilinear", antialias=False)
+
+
+def _normalize(image, mean, std):
+  return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)
 
 
 def preprocess_train(source: Source, example, seed, config):
-  """Raw example -> {"image": (S, S, C) float32 normalised, "label"}: RandomResizedCrop + optional flip."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  """Raw example -> {"image": (S, S, C) float32 normalised, "label"}: RandomResizedCrop, optional flip, and
+  AutoAugment at ``config.autoaugment_strength`` (> 0) on the resized uint8 crop."""
+  crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   window = random_resized_crop_window(source.shape(example["pixels"]), crop_seed, config.crop_area_min)
   image = source.crop(example["pixels"], window)
   if config.random_flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  return {"image": _finish(image, config.image_size, source.mean, source.std), "label": example["label"]}
+  image = _resize(image, config.image_size)
+  if config.autoaugment_strength > 0:
+    image = autoaugment(tf.saturate_cast(tf.round(image), tf.uint8), augment_seed, config.autoaugment_strength)
+  return {"image": _normalize(image, source.mean, source.std), "label": example["label"]}
 
 
 def preprocess_eval(source: Source, example, config):
   """Raw example -> {"image", "label"}: centre crop of ``eval_crop_ratio`` of the short side, resized."""
   window = center_crop_window(source.shape(example["pixels"]), config.eval_crop_ratio)
   image = source.crop(example["pixels"], window)
-  return {"image": _finish(image, config.image_size, source.mean, source.std), "label": example["label"]}
+  return {"image": _normalize(_resize(image, config.image_size), source.mean, source.std), "label": example["label"]}
 
 
 def train_dataset(source: Source, config, local_batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:

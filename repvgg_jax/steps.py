@@ -22,6 +22,13 @@ AXIS = "batch"
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # Raw uint32 key data, so it checkpoints like any array.
+  # Exponential moving average of {"params", "batch_stats"} (config.ema_decay > 0), else None: what is
+  # evaluated and re-parameterized when present.
+  ema: Any = None
+
+  def eval_variables(self) -> dict:
+    """The variables to evaluate and deploy: the moving average where one is kept."""
+    return self.ema if self.ema is not None else {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def weight_decay_mask(params) -> Any:
@@ -42,9 +49,21 @@ def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int) -> opta
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, end_value=0.0)
 
 
-def create_optimizer(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def weight_decay_schedule(config, num_steps: int) -> optax.Schedule:
+  """``weight_decay`` throughout, or, where ``final_weight_decay`` >= 0, cosine-annealed from ``weight_decay``
+  to ``final_weight_decay`` at ``num_steps`` (MobileOne's recipe: 1e-4 to 1e-5)."""
+  if config.final_weight_decay < 0:
+    return optax.constant_schedule(config.weight_decay)
+  if config.weight_decay == 0:
+    return optax.constant_schedule(0.0)
+  return optax.cosine_decay_schedule(config.weight_decay, num_steps,
+                                     alpha=config.final_weight_decay / config.weight_decay)
+
+
+def create_optimizer(config, learning_rate: optax.Schedule,
+                     weight_decay: optax.Schedule) -> optax.GradientTransformation:
   # PyTorch's SGD adds the decay to the gradient before momentum: so does this order.
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, weight_decay_mask),
+  return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
                      optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
 
 
@@ -62,8 +81,15 @@ def mixup(rng, images, targets, alpha: float):
 
 # --------------------------------------------------------------------------- Steps (per device).
 
+def update_ema(ema: dict, variables: dict, decay: float) -> dict:
+  """decay * ema + (1 - decay) * variables, leaf by leaf (BatchNorm statistics too, so that the average
+  model is evaluated with statistics that match its weights)."""
+  return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, variables)
+
+
 def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
-               label_smoothing: float = 0.0, mixup_alpha: float = 0.0, axis_name: str = AXIS):
+               label_smoothing: float = 0.0, mixup_alpha: float = 0.0, ema_decay: float = 0.0,
+               axis_name: str = AXIS):
   """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,)."""
   images = batch["image"]
   targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
@@ -81,6 +107,9 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
   metrics = lax.pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}, axis_name)
   metrics["learning_rate"] = learning_rate(state.step)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if ema_decay > 0:
+    new_state = new_state.replace(ema=update_ema(state.ema, {"params": new_state.params,
+                                                             "batch_stats": batch_stats}, ema_decay))
   # A finite loss can still be followed by an update to inf/nan; the loop must not checkpoint that.
   metrics["params_finite"] = jnp.isfinite(optax.tree.norm(new_state.params)).astype(jnp.float32)
   return new_state, metrics
@@ -96,10 +125,12 @@ def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str =
 
 
 def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState:
+  """The initial state; with ``config.ema_decay`` > 0, a moving average that starts at the initial variables."""
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, jnp.zeros((1,) + image_shape))
+  ema = jax.tree.map(jnp.copy, dict(variables)) if config.ema_decay > 0 else None
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
-                           batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng))
+                           batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng), ema=ema)
 
 
 def replicate(tree, devices=None):

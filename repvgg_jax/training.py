@@ -21,7 +21,7 @@ from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
 from repvgg_jax.steps import (AXIS, TrainState, create_optimizer, create_train_state, eval_step,
-                              learning_rate_schedule, replicate, shard, train_step)
+                              learning_rate_schedule, replicate, shard, train_step, weight_decay_schedule)
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,16 @@ def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[It
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices.")
   if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0 or config.keep_checkpoints <= 0:
     raise ConfigError("checkpoint_every_steps, log_every_steps and keep_checkpoints must be positive.")
+  if not 0 <= config.ema_decay < 1:
+    raise ConfigError(f"ema_decay must be in [0, 1) (0 = no moving average); got {config.ema_decay}.")
+  if config.final_weight_decay > config.weight_decay:
+    raise ConfigError(f"final_weight_decay {config.final_weight_decay} exceeds weight_decay "
+                      f"{config.weight_decay}; the cosine annealing only decreases it (< 0 = constant).")
+  stages = [tuple(stage) for stage in config.progressive_learning]
+  if stages and (any(len(s) != 3 or s[1] <= 0 or s[2] < 0 for s in stages) or stages[0][0] != 0
+                 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:]))):
+    raise ConfigError("progressive_learning must be ((0, image_size, autoaugment_strength), (epoch, ...), ...) "
+                      f"with increasing epochs, positive sizes, strengths >= 0; got {config.progressive_learning}.")
 
 
 def model_from_config(config, num_classes: int, *, deploy: bool = False, half_precision: Optional[bool] = None):
@@ -85,6 +95,22 @@ def evaluate(p_eval_step, variables, batches) -> dict:
   totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
   count = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+def train_batches(source, config, local_batch: int, start_step: int, num_steps: int, steps_per_epoch: int):
+  """Sharded training batches for steps start_step + 1 .. num_steps. With ``progressive_learning``, the steps
+  from epoch e_i on get ``size_i`` px crops at AutoAugment strength ``strength_i``; each stage is the same
+  stream (a function of seed and position) cut at its first step, so a resumed run gets the same batches."""
+  stages = ([tuple(stage) for stage in config.progressive_learning]
+            or [(0, config.image_size, config.autoaugment_strength)])
+  ends = [int(stage[0] * steps_per_epoch) for stage in stages[1:]] + [num_steps]
+  for (epoch, size, strength), end in zip(stages, ends):
+    first, last = max(int(epoch * steps_per_epoch), start_step), min(end, num_steps)
+    if first < last:
+      stage_config = config.copy_and_resolve_references()
+      stage_config.image_size, stage_config.autoaugment_strength = size, strength
+      dataset = input_pipeline.train_dataset(source, stage_config, local_batch, config.seed, first)
+      yield from map(shard, dataset.take(last - first).as_numpy_iterator())
 
 
 def _format_duration(seconds: float) -> str:
@@ -146,8 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   learning_rate = learning_rate_schedule(config, steps_per_epoch, num_steps)
-  init = functools.partial(create_train_state, jax.random.key(config.seed), config, model, image_shape,
-                           create_optimizer(config, learning_rate))
+  optimizer = create_optimizer(config, learning_rate, weight_decay_schedule(config, num_steps))
+  init = functools.partial(create_train_state, jax.random.key(config.seed), config, model, image_shape, optimizer)
   abstract_state = jax.eval_shape(init)
   checkpoints.check_workdir(workdir, checkpoints.tree_bytes(abstract_state))
   record = run_record(config, source.num_classes, image_shape, abstract_state)
@@ -161,13 +187,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
                                             num_classes=source.num_classes, label_smoothing=config.label_smoothing,
-                                            mixup_alpha=config.mixup_alpha),
+                                            mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay),
                           axis_name=AXIS, donate_argnums=(0,))
   p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
   local_batch = config.batch_size // jax.process_count()
   train_iter = jax_utils.prefetch_to_device(
-      map(shard, input_pipeline.train_dataset(source, config, local_batch, config.seed, start_step)
-          .as_numpy_iterator()), 2)
+      train_batches(source, config, local_batch, start_step, num_steps, steps_per_epoch), 2)
   writer = MetricWriter(workdir)
   eval_metrics, pending, window_start = None, [], time.time()
 
@@ -204,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       evaluated = step % eval_every == 0 or step == num_steps
       if evaluated:
         flush(step)
-        eval_metrics = evaluate(p_eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+        eval_metrics = evaluate(p_eval_step, state.eval_variables(),
                                 input_pipeline.eval_batches(source, config, local_batch))
         logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
         writer.write(step, "eval", eval_metrics)
@@ -226,8 +251,9 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   """reparam -> equivalence check on a held-out batch -> deploy evaluation on the whole split -> save."""
   train_model = model_from_config(config, source.num_classes, half_precision=False)
   deploy_model = model_from_config(config, source.num_classes, deploy=True, half_precision=False)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  deploy_params = jax.jit(functools.partial(reparam, eps=train_model.bn_epsilon))(state.params, state.batch_stats)
+  variables = state.eval_variables()
+  deploy_params = jax.jit(functools.partial(reparam, eps=train_model.bn_epsilon))(variables["params"],
+                                                                                  variables["batch_stats"])
   local_batch = config.batch_size // jax.process_count()
   full_eval = config.copy_and_resolve_references()
   full_eval.steps_per_eval = -1

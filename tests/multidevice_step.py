@@ -40,7 +40,8 @@ def main():
   model = training.model_from_config(config, num_classes=10)
   learning_rate = optax.constant_schedule(0.1)  # The recipe's warm-up starts at 0 and would not move params.
   state = steps.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
-                                   steps.create_optimizer(config, learning_rate))
+                                   steps.create_optimizer(config, learning_rate,
+                                                         steps.weight_decay_schedule(config, 10)))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(32, 28, 28, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, size=32), jnp.int32)}

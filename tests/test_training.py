@@ -1,9 +1,11 @@
 """Spec of training: the recipe's pieces, data parallelism, checkpoints and resume, the deploy hand-off, errors."""
 
 import collections
+import functools
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 
 import repvgg_jax as rv
 from configs import default, quickstart
-from repvgg_jax import checkpoints, equivalence, steps, training
+from repvgg_jax import checkpoints, equivalence, input_pipeline, steps, training
 from repvgg_jax.equivalence import EquivalenceError
 from tests.precision_emulation import emulated_accelerator_precision
 
@@ -81,6 +83,73 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine():
   assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_weight_decay_is_constant_or_cosine_annealed_to_its_final_value():
+  config = default.get_config()
+  assert float(steps.weight_decay_schedule(config, 1000)(700)) == pytest.approx(1e-4)  # RepVGG: constant.
+  config.final_weight_decay = 1e-5  # MobileOne: 1e-4 -> 1e-5 by cosine over the run.
+  schedule = steps.weight_decay_schedule(config, 1000)
+  assert [float(schedule(t)) for t in (0, 500, 1000)] == pytest.approx([1e-4, 5.5e-5, 1e-5])
+
+
+def test_the_optimizer_decays_weights_by_the_schedule_of_the_step():
+  config = default.get_config()
+  config.momentum, config.nesterov = 0.0, False  # So that an update is -learning_rate * decay * weight.
+  params = {"conv": {"kernel": jnp.ones(3)}}
+  optimizer = steps.create_optimizer(config, optax.constant_schedule(1.0), lambda step: 0.1 * (step + 1))
+  state = optimizer.init(params)
+  zero_grads = {"conv": {"kernel": jnp.zeros(3)}}
+  first, state = optimizer.update(zero_grads, state, params)
+  second, _ = optimizer.update(zero_grads, state, params)
+  assert float(first["conv"]["kernel"][0]) == pytest.approx(-0.1)
+  assert float(second["conv"]["kernel"][0]) == pytest.approx(-0.2)
+
+
+def test_a_step_moves_the_moving_average_towards_the_new_weights_and_statistics():
+  config = quickstart.get_config()
+  config.model_overrides.num_blocks = (1, 1, 1, 1)
+  config.ema_decay = 0.9
+  model = training.model_from_config(config, num_classes=10)
+  learning_rate = optax.constant_schedule(0.1)
+  state = steps.create_train_state(jax.random.key(0), config, model, (16, 16, 1),
+                                   steps.create_optimizer(config, learning_rate, optax.constant_schedule(1e-4)))
+  jax.tree.map(np.testing.assert_array_equal, state.ema["params"], state.params)  # Starts at the init.
+  rng = np.random.default_rng(0)
+  batch = steps.shard({"image": rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
+                       "label": rng.integers(0, 10, size=8)})
+  step = jax.pmap(functools.partial(steps.train_step, learning_rate=learning_rate, num_classes=10, ema_decay=0.9),
+                  axis_name=steps.AXIS)
+  new = jax.tree.map(lambda x: x[0], step(steps.replicate(state), batch)[0])
+  for key, old in (("params", state.params), ("batch_stats", state.batch_stats)):
+    expected = jax.tree.map(lambda e, v: 0.9 * e + 0.1 * v, old, getattr(new, key))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.ema[key], expected)
+  assert new.eval_variables() is new.ema
+  assert state.replace(ema=None).eval_variables()["params"] is state.params
+
+
+def test_progressive_learning_grows_the_crops_by_stage_and_resumes_inside_a_stage(fmnist_dir):
+  config = tiny_config(fmnist_dir, progressive_learning=((0, 16, 0.0), (1.5, 24, 0.5), (2, 28, 1.0)))
+  source = input_pipeline.get_source("fashion_mnist", fmnist_dir)
+  whole = list(training.train_batches(source, config, 8, 0, 6, steps_per_epoch=2))
+  assert [b["image"].shape[2] for b in whole] == [16, 16, 16, 24, 28, 28]
+  resumed = list(training.train_batches(source, config, 8, 4, 6, steps_per_epoch=2))
+  for expected, got in zip(whole[4:], resumed, strict=True):
+    np.testing.assert_array_equal(got["image"], expected["image"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ema_decay", 1.0, "ema_decay must be in [0, 1)"),
+    ("final_weight_decay", 1e-3, "exceeds weight_decay"),
+    ("progressive_learning", ((1, 16, 0.0),), "progressive_learning must be"),
+    ("progressive_learning", ((0, 16, 0.0), (0, 24, 0.0)), "increasing epochs"),
+    ("progressive_learning", ((0, 16),), "progressive_learning must be"),
+])
+def test_impossible_recipe_settings_are_refused(field, value, message):
+  config = quickstart.get_config()
+  config[field] = value
+  with pytest.raises(training.ConfigError, match=re.escape(message)):
+    training.validate_config(config)
+
+
 def test_official_configs_hold_the_recipe():
   config = default.get_config()
   assert (config.momentum, config.nesterov, config.learning_rate, config.weight_decay) == (0.9, True, 0.1, 1e-4)
@@ -94,6 +163,16 @@ def test_official_configs_hold_the_recipe():
                            "RepVGG-D2se")
     assert variant.num_epochs == (200 if long_recipe else 120)
     assert set(variant.keys()) == set(config.keys())
+  for name in (n for n in rv.list_models() if n.startswith("MobileOne")):
+    variant = importlib.import_module(f"configs.mobileone_{name.split('-')[1].lower()}").get_config()
+    assert variant.model == name and set(variant.keys()) == set(config.keys())
+    assert (variant.num_epochs, variant.batch_size, variant.learning_rate, variant.momentum) == (300, 256, 0.1, 0.9)
+    assert (variant.weight_decay, variant.final_weight_decay, variant.label_smoothing) == (1e-4, 1e-5, 0.1)
+    assert variant.ema_decay == 0.9995
+    augmented = name in ("MobileOne-S2", "MobileOne-S3", "MobileOne-S4")
+    assert bool(variant.progressive_learning) == augmented and variant.autoaugment_strength == 0
+    if augmented:
+      assert variant.progressive_learning[-1][1:] == (224, 1.0) == (variant.image_size, 1.0)
 
 
 # --------------------------------------------------------------------------- Data parallelism.
@@ -243,7 +322,7 @@ def test_no_intact_checkpoint_is_one_clear_error(fmnist_dir, tmp_path):
 def test_a_checkpoint_of_another_optimizer_is_refused_not_taken_for_damage(fmnist_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path)
   training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=2, eval_every_steps=100), workdir)
-  monkeypatch.setattr(training, "create_optimizer", lambda config, learning_rate: optax.adam(learning_rate))
+  monkeypatch.setattr(training, "create_optimizer", lambda config, learning_rate, weight_decay: optax.adam(learning_rate))
   with pytest.raises(training.ConfigError, match="state_layout"):
     training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=4), workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
@@ -367,9 +446,10 @@ def test_kill_9_then_the_same_command_resumes_and_ends_bit_identical(fmnist_dir,
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
                     reason="needs `apt-get install dataset-fashion-mnist`")
-def test_shortened_quickstart_learns_real_fashion_mnist(tmp_path):
+@pytest.mark.parametrize("config_file", ["quickstart.py", "mobileone_quickstart.py"])
+def test_shortened_quickstart_learns_real_fashion_mnist(tmp_path, config_file):
   workdir = str(tmp_path / "quickstart")
-  result = subprocess.run([sys.executable, "train.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
+  result = subprocess.run([sys.executable, "train.py", f"--config=configs/{config_file}", f"--workdir={workdir}",
                            "--config.num_train_steps=150", "--config.eval_every_steps=1000"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
