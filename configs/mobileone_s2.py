@@ -1,5 +1,5 @@
-"""MobileOne-S2 (and S3, S4) on ImageNet: the paper's recipe of S0 (configs/mobileone_s0.py) plus AutoAugment and
-progressive resizing). Paper top-1: 77.4%.
+"""MobileOne-S2 on ImageNet: the paper's recipe of S0 (configs/mobileone_s0.py) plus AutoAugment and
+progressive resizing, as for S3 and S4. Paper top-1: 77.4%.
 
   python train.py --config=configs/mobileone_s2.py --workdir=runs/mobileone_s2
 

@@ -134,6 +134,12 @@ def test_deploy_form_equals_training_form_for_every_variant(name, accelerator_pr
   chex.assert_trees_all_equal_shapes_and_dtypes(plain, jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))["params"])
   assert float(jnp.abs(model.apply(v, x)).max()) > 1e-2
   assert check_equivalence(model, v, deploy, plain, x, rtol=1e-5) < 1e-5
+  with jax.enable_x64(True):  # The independent reference: the unfused network in float64.
+    model64 = rv.create_model(name, num_classes=10, dtype=jnp.float64)
+    expected = model64.apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v), jnp.asarray(x, jnp.float64))
+  with jax.default_matmul_precision("highest"):
+    got = deploy.apply({"params": plain}, x)
+  assert float(jnp.abs(got - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
 
 
 # --------------------------------------------------------------------------- timm's and apple's weights.
@@ -153,7 +159,7 @@ def _close(got, expected, rtol=1e-4):
   assert float(np.abs(got - expected).max()) <= rtol * scale
 
 
-@pytest.mark.parametrize("index", [0, 4])  # k = 4 branches; SE blocks.
+@pytest.mark.parametrize("index", range(5))  # S0: k = 4 branches; S4: SE blocks.
 def test_timm_weights_give_timms_logits_in_both_forms(index, full_precision):
   torch = pytest.importorskip("torch")
   from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top

@@ -136,6 +136,31 @@ def test_progressive_learning_grows_the_crops_by_stage_and_resumes_inside_a_stag
     np.testing.assert_array_equal(got["image"], expected["image"])
 
 
+def test_a_mobileone_run_with_the_recipe_deploys_its_moving_average(fmnist_dir, tmp_path, monkeypatch):
+  """EMA, annealed weight decay and two progressive-learning stages (16 px, then 28 px with AutoAugment)."""
+  config = tiny_config(fmnist_dir, model="MobileOne-S0", ema_decay=0.5, final_weight_decay=1e-5,
+                       progressive_learning=((0, 16, 0.0), (0.5, 28, 0.5)))  # 8 steps an epoch: 16 px for 4.
+  config.model_overrides.num_blocks = (1, 1, 1, 1)
+  config.model_overrides.width_multiplier = (0.25, 0.25, 0.25, 0.25)
+  finished = []
+
+  def finish(*args):  # Keeps the final state (its 4th argument) for the checks below.
+    finished.append(args[3])
+    return _real_finish(*args)
+
+  monkeypatch.setattr(training, "finish", finish)
+  result = training.train_and_evaluate(config, str(tmp_path))
+  state = finished[0]
+  assert result["max_relative_error"] < equivalence.RTOL and int(state.step) == 6
+  assert not np.allclose(state.ema["params"]["linear"]["kernel"], state.params["linear"]["kernel"])
+  expected = jax.jit(rv.reparam)(state.ema["params"], state.ema["batch_stats"])  # Jitted, as the loop's.
+  jax.tree.map(np.testing.assert_array_equal, checkpoints.load_tree(str(tmp_path / "deploy")),
+               jax.device_get(expected))
+
+
+_real_finish = training.finish
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("ema_decay", 1.0, "ema_decay must be in [0, 1)"),
     ("final_weight_decay", 1e-3, "exceeds weight_decay"),
