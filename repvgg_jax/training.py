@@ -46,6 +46,8 @@ def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[It
   if config.final_weight_decay > config.weight_decay:
     raise ConfigError(f"final_weight_decay {config.final_weight_decay} exceeds weight_decay "
                       f"{config.weight_decay}; the cosine annealing only decreases it (< 0 = constant).")
+  if config.autoaugment_strength < 0:
+    raise ConfigError(f"autoaugment_strength must be >= 0 (0 = off); got {config.autoaugment_strength}.")
   stages = [tuple(stage) for stage in config.progressive_learning]
   if stages and (any(len(s) != 3 or s[1] <= 0 or s[2] < 0 for s in stages) or stages[0][0] != 0
                  or any(a[0] >= b[0] for a, b in zip(stages, stages[1:]))):

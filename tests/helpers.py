@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def random_like(shapes, seed: int = 0, dtype=np.float32):
+# BN scales that keep deep random MobileOnes O(1) (with [0.5, 1], timm's own float32 S4 is 2.3e-3 from float64).
+MOBILEONE_SCALES = (0.2, 0.5)
+
+
+def random_like(shapes, seed: int = 0, dtype=np.float32, scale_range=(0.4, 1.2)):
   """A tree of random arrays shaped like ``shapes`` (a tree of arrays or ShapeDtypeStructs).
 
-  Kernels ~ N(0, 1/fan_in); BN scale ~ U(0.4, 1.2); bias, mean ~ 0.1 N(0, 1); var ~ U(0.5, 2).
+  Kernels ~ N(0, 1/fan_in); BN scale ~ U(scale_range); bias, mean ~ 0.1 N(0, 1); var ~ U(0.5, 2).
   """
   rng = np.random.default_rng(seed)
 
@@ -22,7 +26,7 @@ def random_like(shapes, seed: int = 0, dtype=np.float32):
     if name == "kernel":
       x = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
     elif name == "scale":
-      x = rng.uniform(0.4, 1.2, size=shape)
+      x = rng.uniform(*scale_range, size=shape)
     elif name == "var":
       x = rng.uniform(0.5, 2.0, size=shape)
     elif name in ("bias", "mean"):
@@ -34,10 +38,20 @@ def random_like(shapes, seed: int = 0, dtype=np.float32):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def random_variables(model, input_shape, seed: int = 0, dtype=np.float32):
+def random_variables(model, input_shape, seed: int = 0, dtype=np.float32, scale_range=(0.4, 1.2)):
   """Random variables of ``model`` for inputs of ``input_shape``, without running its initializers."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, dtype), train=False))
-  return random_like(shapes, seed, dtype)
+  return random_like(shapes, seed, dtype, scale_range)
+
+
+def float64_logits(name: str, variables, images, **overrides):
+  """The training form of variant ``name`` in eval mode, computed in float64: an independent reference."""
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    model = rv.create_model(name, num_classes=variables["params"]["linear"]["bias"].shape[0], dtype=jnp.float64,
+                            **overrides)
+    return model.apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
+                       jnp.asarray(images, jnp.float64))
 
 
 def numpy_conv(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):

@@ -12,7 +12,8 @@ import repvgg_jax as rv
 from repvgg_jax import models
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.reparam import fuse_block
-from tests.helpers import numpy_bn, numpy_conv, random_like, random_variables, randomize_torch_batchnorms
+from tests.helpers import (MOBILEONE_SCALES, float64_logits, numpy_bn, numpy_conv, random_variables,
+                           randomize_torch_batchnorms)
 
 NAMES = [f"MobileOne-S{i}" for i in range(5)]
 # (train-time, deploy) parameters in millions, 1000 classes: timm 1.0.31's mobileone_s* before and after
@@ -25,14 +26,6 @@ EXACT_F64 = 1e-10
 def _count_m(model) -> float:
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) / 1e6
-
-
-def _well_conditioned(tree, seed=0):
-  """Random weights and BN statistics with BN scales in [0.2, 0.5]: deep random MobileOnes stay O(1)."""
-  tree = random_like(tree, seed)
-  rng = np.random.default_rng(seed + 1)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(rng.uniform(0.2, 0.5, x.shape), x.dtype) if p[-1].key == "scale" else x, tree)
 
 
 def test_list_models_has_the_five_mobileones_after_repvgg():
@@ -129,14 +122,12 @@ def test_fuse_block_matches_the_branchwise_reference_for_any_shape(branches, ker
 def test_deploy_form_equals_training_form_for_every_variant(name, accelerator_precision):
   model, deploy = rv.create_model(name, num_classes=10), rv.create_model(name, num_classes=10, deploy=True)
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  v = _well_conditioned(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+  v = random_variables(model, x.shape, scale_range=MOBILEONE_SCALES)
   plain = jax.jit(rv.reparam)(v["params"], v["batch_stats"])
   chex.assert_trees_all_equal_shapes_and_dtypes(plain, jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))["params"])
   assert float(jnp.abs(model.apply(v, x)).max()) > 1e-2
   assert check_equivalence(model, v, deploy, plain, x, rtol=1e-5) < 1e-5
-  with jax.enable_x64(True):  # The independent reference: the unfused network in float64.
-    model64 = rv.create_model(name, num_classes=10, dtype=jnp.float64)
-    expected = model64.apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v), jnp.asarray(x, jnp.float64))
+  expected = float64_logits(name, v, x)  # The independent reference: the unfused network in float64.
   with jax.default_matmul_precision("highest"):
     got = deploy.apply({"params": plain}, x)
   assert float(jnp.abs(got - expected).max()) < 1e-5 * float(jnp.abs(expected).max())
@@ -149,7 +140,7 @@ def _timm_model(index, seed=0):
   torch, timm = pytest.importorskip("torch"), pytest.importorskip("timm")
   torch.manual_seed(seed)
   return randomize_torch_batchnorms(timm.create_model(f"mobileone_s{index}", pretrained=False, num_classes=10),
-                                    seed, scale_range=(0.2, 0.5))
+                                    seed, scale_range=MOBILEONE_SCALES)
 
 
 def _close(got, expected, rtol=1e-4):

@@ -163,6 +163,7 @@ _real_finish = training.finish
 
 @pytest.mark.parametrize("field, value, message", [
     ("ema_decay", 1.0, "ema_decay must be in [0, 1)"),
+    ("autoaugment_strength", -0.5, "autoaugment_strength must be >= 0"),
     ("final_weight_decay", 1e-3, "exceeds weight_decay"),
     ("progressive_learning", ((1, 16, 0.0),), "progressive_learning must be"),
     ("progressive_learning", ((0, 16, 0.0), (0, 24, 0.0)), "increasing epochs"),
