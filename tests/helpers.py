@@ -50,8 +50,8 @@ def float64_logits(name: str, variables, images, **overrides):
   with jax.enable_x64(True):
     model = rv.create_model(name, num_classes=variables["params"]["linear"]["bias"].shape[0], dtype=jnp.float64,
                             **overrides)
-    return model.apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
-                       jnp.asarray(images, jnp.float64))
+    return jax.jit(model.apply)(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
+                                jnp.asarray(images, jnp.float64))
 
 
 def numpy_conv(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):
