@@ -93,12 +93,9 @@ def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official"
 def write_onnx(model: str, deploy_params: dict, to_onnx: str) -> float:
   """Writes the plain model to ``to_onnx``, checked in onnxruntime first; returns the error."""
   deploy = create_model(model, num_classes=deploy_params["linear"]["kernel"].shape[-1], deploy=True)
-  proto = export.to_onnx(deploy, deploy_params)
   channels = deploy_params["stage0"]["rbr_reparam"]["kernel"].shape[2]
   images = jax.random.normal(jax.random.key(1), VERIFY_SHAPE[:3] + (channels,))
-  error = export.check_onnx(proto, deploy, deploy_params, images)
-  export.save_onnx(proto, to_onnx)
-  return error
+  return export.save_checked_onnx(deploy, deploy_params, images, to_onnx)
 
 
 def main(argv):

@@ -172,3 +172,12 @@ def check_onnx(proto_or_path, model, params: Mapping, images, rtol: float = equi
     raise equivalence.EquivalenceError(f"onnxruntime's logits differ from the JAX deploy model's by {error:.2e} "
                                        f"of the largest logit (bound {rtol:.0e}).")
   return error
+
+
+def save_checked_onnx(model, params: Mapping, images, path: str) -> float:
+  """Exports the plain network, checks onnxruntime against the JAX deploy logits on ``images`` (``check_onnx``)
+  and only then writes ``path``; returns the error. A failed check writes nothing."""
+  proto = to_onnx(model, params)
+  error = check_onnx(proto, model, params, images)
+  save_onnx(proto, path)
+  return error

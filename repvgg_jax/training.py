@@ -105,9 +105,9 @@ def train_batches(source, config, local_batch: int, start_step: int, num_steps: 
   stream (a function of seed and position) cut at its first step, so a resumed run gets the same batches."""
   stages = ([tuple(stage) for stage in config.progressive_learning]
             or [(0, config.image_size, config.autoaugment_strength)])
-  ends = [int(stage[0] * steps_per_epoch) for stage in stages[1:]] + [num_steps]
-  for (epoch, size, strength), end in zip(stages, ends):
-    first, last = max(int(epoch * steps_per_epoch), start_step), min(end, num_steps)
+  starts = [int(epoch * steps_per_epoch) for epoch, _, _ in stages]
+  for (_, size, strength), begin, end in zip(stages, starts, starts[1:] + [num_steps]):
+    first, last = max(begin, start_step), min(end, num_steps)
     if first < last:
       stage_config = config.copy_and_resolve_references()
       stage_config.image_size, stage_config.autoaugment_strength = size, strength
@@ -290,8 +290,6 @@ def write_onnx(config, workdir: str, deploy_model, deploy_params, images) -> Opt
     logging.warning("deploy.onnx not written: pip install 'repvgg-jax[onnx]' (or set export_onnx=False).")
     return None
   path = os.path.join(workdir, "deploy.onnx")
-  proto = export.to_onnx(deploy_model, jax.device_get(deploy_params))
-  error = export.check_onnx(proto, deploy_model, deploy_params, images)
-  export.save_onnx(proto, path)
+  error = export.save_checked_onnx(deploy_model, jax.device_get(deploy_params), images, path)
   logging.info("Exported %s: onnxruntime matches the JAX deploy logits to %.2e.", path, error)
   return error
