@@ -176,7 +176,8 @@ class _PlainStackNetwork(nn.Module):
   """A stack of re-parameterizable blocks (``plan()``), global average pool, a dense head ``linear``.
 
   ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
-  ``reparam`` produces. Input: float images (N, H, W, C). Output: float32 logits (N, num_classes).
+  ``reparam`` produces. Input: float images (N, H, W, C). Output: logits (N, num_classes), float32 (float64
+  where ``dtype`` is float64).
   """
 
   def plan(self) -> list[variants.BlockSpec]:
@@ -198,7 +199,7 @@ class _PlainStackNetwork(nn.Module):
       x = block(x, train)
     x = global_average_pool(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> float32 logits; float64 stays.
 
 
 class RepVGG(_PlainStackNetwork):

@@ -12,6 +12,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax import equivalence
 from repvgg_jax.equivalence import EquivalenceError, check_equivalence
+from tests import wellposed
 from tests.helpers import random_variables
 
 SMALL = dict(num_classes=10, width_multiplier=(0.5, 0.5, 0.5, 1.0))
@@ -48,3 +49,21 @@ def test_a_wrong_bn_epsilon_is_still_caught(accelerator_precision):
   model, v, deploy, plain, x = _forms(eps=1e-3)  # The model was built with eps 1e-5.
   with pytest.raises(EquivalenceError, match="largest logit"):
     check_equivalence(model, v, deploy, plain, x)
+
+
+# --------------------------------------------------------------------------- Well-posed networks, float64.
+
+# A0 at full size, and every distinct layout (depths, groups, branches, SE) at reduced width: at equal
+# reduced widths A1, A2 are A0, B1-B3 are B0, the other g2/g4 variants B1g2/B1g4, and MobileOne-S2, S3 are S1.
+# Every variant at full size: benchmarks/equivalence_table.py (its table is in benchmarks/RESULTS.md).
+LAYOUTS = ["RepVGG-B0", "RepVGG-B1g2", "RepVGG-B1g4", "RepVGG-D2se", "MobileOne-S0", "MobileOne-S1", "MobileOne-S4"]
+CASES = [("RepVGG-A0", {})] + [(name, wellposed.reduced_width(name)) for name in LAYOUTS]
+
+
+@pytest.mark.parametrize("name,overrides", CASES, ids=[f"{n}{'' if o else '-full'}" for n, o in CASES])
+def test_deploy_form_computes_the_training_form_on_a_well_posed_network(name, overrides):
+  """float64, calibrated BN statistics, error against the logits' spread; the mutations must fail it."""
+  reference, got, mutated = wellposed.train_vs_deploy(name, **overrides)
+  wellposed.assert_equal_functions(got, reference)
+  for y in mutated.values():
+    wellposed.assert_caught(y, reference)

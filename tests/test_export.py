@@ -13,6 +13,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import checkpoints, equivalence, export
+from tests import wellposed
 from tests.helpers import random_variables
 
 SMALL = dict(num_classes=7, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(2, 2, 2, 1))
@@ -44,7 +45,7 @@ def test_exported_deploy_model_round_trips_for_any_batch(trained, tmp_path):
 
 def test_exporting_the_training_time_graph_is_refused(trained):
   model, variables, deploy, _ = trained
-  with pytest.raises(ValueError, match="deploy"):
+  with pytest.raises(ValueError, match=r"export takes the deploy-form model: create_model\(name, deploy=True\)"):
     export.export_deploy(model, variables["params"], (32, 32, 3))
   with pytest.raises(ValueError, match="training-time branch"):
     export.export_deploy(deploy, variables["params"], (32, 32, 3))
@@ -81,6 +82,19 @@ def test_onnx_graph_runs_in_onnxruntime_with_the_jax_deploy_logits(name, overrid
       expected = np.asarray(deploy.apply({"params": plain}, x))
     assert got.shape == (batch, 10)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  if name not in ("RepVGG-A0", "RepVGG-D2se"):
+    return
+  # On a well-posed network (tests/wellposed.py; calibrated for 32 px): the error against the logits' spread.
+  model = rv.create_model(name, num_classes=10, **overrides)
+  variables = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
+  plain = rv.reparam(variables["params"], variables["batch_stats"])
+  x = np.asarray(wellposed.images((4, 32, 32, 3), seed=1), np.float32)
+  run = lambda p: export.onnx_session(export.to_onnx(deploy, p)).run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
+  with jax.default_matmul_precision("highest"):
+    expected = deploy.apply({"params": plain}, x)
+  # Two float32 engines; calibrated deep SE nets amplify float32 rounding (reduced D2se: 1.6e-4 of the spread).
+  wellposed.assert_equal_functions(run(plain), expected, bound=1e-3)
+  wellposed.assert_caught(run(wellposed.mutations(plain)["kh and kw swapped"]), expected, bound=1e-3)
 
 
 def test_onnx_export_refuses_training_form_and_mismatched_params(trained):

@@ -10,10 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
 from repvgg_jax import models
-from repvgg_jax.equivalence import max_relative_error
 from repvgg_jax.reparam import fuse_block
-from tests.helpers import (MOBILEONE_SCALES, float64_logits, numpy_bn, numpy_conv, random_variables,
-                           randomize_torch_batchnorms)
+from tests import wellposed
+from tests.helpers import MOBILEONE_SCALES, numpy_bn, numpy_conv, random_variables, randomize_torch_batchnorms
 
 NAMES = [f"MobileOne-S{i}" for i in range(5)]
 # (train-time, deploy) parameters in millions, 1000 classes: timm 1.0.31's mobileone_s* before and after
@@ -118,19 +117,7 @@ def test_fuse_block_matches_the_branchwise_reference_for_any_shape(branches, ker
                              atol=EXACT_F64, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_deploy_form_equals_training_form_for_every_variant(name, accelerator_precision):
-  """The fused network at HIGHEST (on emulated accelerator precision) against the unfused one in float64."""
-  model, deploy = rv.create_model(name, num_classes=10), rv.create_model(name, num_classes=10, deploy=True)
-  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  v = random_variables(model, x.shape, scale_range=MOBILEONE_SCALES)
-  plain = jax.jit(rv.reparam)(v["params"], v["batch_stats"])
-  chex.assert_trees_all_equal_shapes_and_dtypes(plain, jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))["params"])
-  expected = float64_logits(name, v, x)
-  assert float(jnp.abs(expected).max()) > 1e-2
-  with jax.default_matmul_precision("highest"):
-    got = jax.jit(deploy.apply)({"params": plain}, x)
-  assert max_relative_error(got, expected) < 1e-5
+# Every variant's two forms on well-posed float64 networks: tests/test_equivalence.py.
 
 
 # --------------------------------------------------------------------------- timm's and apple's weights.
@@ -143,30 +130,33 @@ def _timm_model(index, seed=0):
                                     seed, scale_range=MOBILEONE_SCALES)
 
 
-def _close(got, expected, rtol=1e-4):
-  got, expected = np.asarray(got), np.asarray(expected)
-  scale = float(np.abs(expected).max())
-  assert scale > 1e-3
-  assert float(np.abs(got - expected).max()) <= rtol * scale
-
-
-@pytest.mark.parametrize("index", range(5))  # S0: k = 4 branches; S4: SE blocks.
-def test_timm_weights_give_timms_logits_in_both_forms(index, full_precision):
-  torch = pytest.importorskip("torch")
+@pytest.mark.parametrize("index", [0, 4])  # S0: k = 4 branches; S4: SE blocks (S1-S3: neither).
+def test_timm_weights_give_timms_logits_in_both_forms(index):
+  """On well-posed float64 networks (tests/wellposed.py); swapped kernel axes, a zeroed stem or a wrong BN
+  epsilon on our side fail the same comparison."""
+  torch, timm = pytest.importorskip("torch"), pytest.importorskip("timm")
   from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
-  name, model = f"MobileOne-S{index}", _timm_model(index)
-  x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
-  x_nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  torch.manual_seed(0)
+  name = f"MobileOne-S{index}"
+  model = wellposed.well_posed_torch(timm.create_model(f"mobileone_s{index}", pretrained=False, num_classes=10),
+                                     (3, 32, 32))
+  x = wellposed.images((4, 32, 32, 3), seed=1)
+  expected = wellposed.torch_logits(model, x)
   variables = rv.load_pytorch_state_dict(model.state_dict(), name)
-  _close(rv.create_model(name, num_classes=10).apply(variables, x_nhwc), expected)
-  fused = reparameterize_model(model)
-  with torch.no_grad():
-    expected_fused = fused(torch.from_numpy(x)).numpy()
-  deploy = rv.create_model(name, num_classes=10, deploy=True)
-  _close(deploy.apply({"params": rv.reparam(variables["params"], variables["batch_stats"])}, x_nhwc), expected_fused)
-  _close(deploy.apply(rv.load_pytorch_state_dict(fused.state_dict(), name, deploy=True), x_nhwc), expected_fused)
+  ours = wellposed.float64_apply(name, 10)
+  wellposed.assert_equal_functions(ours(variables, x), expected)
+  for mutated in wellposed.mutations(variables["params"]).values():
+    wellposed.assert_caught(ours({**variables, "params": mutated}, x), expected)
+  wellposed.assert_caught(wellposed.float64_apply(name, 10, bn_epsilon=wellposed.WRONG_EPSILON)(variables, x),
+                          expected)
+  deploy = wellposed.float64_apply(name, 10, deploy=True)
+  with jax.enable_x64(True):
+    plain = rv.reparam(*(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables[k])
+                         for k in ("params", "batch_stats")))
+  wellposed.assert_equal_functions(deploy({"params": plain}, x), wellposed.torch_logits(reparameterize_model(model), x))
+  fused = reparameterize_model(model).float().double()  # Loaded as float32: the reference uses those values.
+  wellposed.assert_equal_functions(deploy(rv.load_pytorch_state_dict(fused.state_dict(), name, deploy=True), x),
+                                   wellposed.torch_logits(fused, x))
 
 
 def test_apple_naming_round_trips_strictly_and_timm_loads_ours():

@@ -3,10 +3,12 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import repvgg_jax as rv
 from repvgg_jax.equivalence import check_equivalence
+from tests import wellposed
 from tests.helpers import random_variables
 
 # Relative to the largest logit: float32 re-association across up to 48 fused blocks.
@@ -134,17 +136,24 @@ def _eval_pair(name, size=32, batch=2, num_classes=10, seed=0):
   return model, deploy, random_variables(model, x.shape, seed), x
 
 
-REPVGG = [name for name in rv.list_models() if name.startswith("RepVGG")]  # MobileOne: tests/test_mobileone.py.
+# Plain (full size), grouped, SE. Calibrated float32 networks are ill-conditioned for some variants
+# (MobileOne-S4: logits ~8e3, float32 rounding amplified to ~1e-1): equality itself is checked in float64.
+PRODUCTION_CHECKED = ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"]
 
 
-@pytest.mark.parametrize("name", REPVGG)
-def test_deploy_form_equals_training_form_in_eval_mode(name, accelerator_precision):
-  """Under emulated accelerator precision: the check holds because it computes at HIGHEST."""
-  model, deploy, v, x = _eval_pair(name)
+@pytest.mark.parametrize("name", PRODUCTION_CHECKED)
+def test_the_production_check_holds_at_accelerator_precision(name, accelerator_precision):
+  """float32, both forms at HIGHEST under emulated accelerator precision (the check every run, the convert CLI
+  and the notebooks make), on well-posed networks; A0 at full size, the others at reduced width. Every
+  variant's two forms are equal in float64: tests/test_equivalence.py."""
+  overrides = {} if name == "RepVGG-A0" else wellposed.reduced_width(name)
+  model = rv.create_model(name, num_classes=10, **overrides)
+  deploy = rv.create_model(name, num_classes=10, deploy=True, **overrides)
+  v = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
+  x = jnp.asarray(wellposed.images((4, 32, 32, 3), seed=1), jnp.float32)
   plain = jax.jit(rv.reparam)(v["params"], v["batch_stats"])
   # The fused tree is exactly the deploy model's parameter tree: structure, shapes and dtypes.
   chex.assert_trees_all_equal_shapes_and_dtypes(plain, _shapes(deploy, 32)["params"])
-  assert float(jnp.abs(model.apply(v, x)).max()) > 1e-2
   assert check_equivalence(model, v, deploy, plain, x, rtol=EQUIVALENCE_RTOL) < EQUIVALENCE_RTOL
 
 

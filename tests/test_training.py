@@ -258,8 +258,9 @@ def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
   train_line = next(line for line in lines if line["split"] == "train")
   assert {"step", "loss", "accuracy", "learning_rate", "images_per_sec"} <= set(train_line)
   deploy = [line for line in lines if line["split"] == "deploy"]
-  assert len(deploy) == 1 and deploy[0]["step"] == 6 and 0.0 <= deploy[0]["accuracy"] <= 1.0
-  assert deploy[0]["count"] == 72  # The whole eval split.
+  assert len(deploy) == 1 and deploy[0]["step"] == 6 and deploy[0]["accuracy"] == result["deploy_accuracy"]
+  assert deploy[0]["count"] == 72  # The whole eval split: the accuracy is a count of 72 images.
+  assert deploy[0]["accuracy"] * 72 == pytest.approx(round(deploy[0]["accuracy"] * 72), abs=1e-6)
   assert result["max_relative_error"] < equivalence.RTOL
   if importlib.util.find_spec("onnxruntime"):  # The onnx extra: the run also leaves a checked ONNX graph.
     assert os.path.getsize(os.path.join(workdir, "deploy.onnx")) > 0 and result["onnx_relative_error"] < 1e-5
@@ -278,13 +279,20 @@ def test_deploy_params_are_saved_and_load_into_the_deploy_model(trained_workdir,
   assert "rbr_reparam" in params["stage1_0"] and "rbr_dense" not in params["stage1_0"]
 
 
-def test_checkpoints_keep_the_latest_and_the_best(trained_workdir):
+def test_a_run_keeps_its_newest_checkpoints(trained_workdir):
   workdir, _ = trained_workdir
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == 6 and 1 <= len(steps) <= 2
-  accuracies = {line["step"]: line["accuracy"] for line in read_metrics(workdir) if line["split"] == "eval"}
-  best = max(accuracies, key=lambda s: (accuracies[s], s))
-  assert best in steps or accuracies[best] == accuracies[6]
+
+
+def test_checkpoints_keep_the_newest_two_and_the_best_by_accuracy(tmp_path):
+  """The best (step 2) is neither of the newest two, so only the keep-best policy can keep it."""
+  manager = checkpoints.checkpoint_manager(str(tmp_path), keep=2)
+  state = {"w": np.zeros(3, np.float32)}
+  for step, accuracy in zip(range(1, 6), (0.1, 0.9, 0.3, 0.2, 0.4)):
+    checkpoints.save(manager, step, state, {"model": "RepVGG-A0"}, accuracy)
+  assert sorted(manager.all_steps()) == [2, 4, 5]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [2, 4, 5]
 
 
 def test_a_workdir_of_another_variant_is_refused(trained_workdir, fmnist_dir):
