@@ -118,6 +118,36 @@ class RepVGGBlock(nn.Module):
     return _branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
 
 
+class QARepVGGBlock(nn.Module):
+  """QARepVGG's training-time block (Chu et al., "Make RepVGG Greater Again", cxxgtxy/QARepVGG
+  ``QARepVGGBlockV2``): ReLU(BN(BN3(conv3x3(x)) + conv1x1(x) + x)).
+
+  The 1x1 conv has neither BN nor bias and the identity no BN, so no branch carries its own affine map into
+  the sum, and the one BN after the sum (``bn``) folds into the fused kernel too. The identity exists where
+  input and output channels match and the stride is 1; its gain (ones, shape (features,)) is kept with the
+  BN statistics so that ``reparam`` knows the block has one. No SE: the official D2se-style placement
+  (``bn(se(sum))``) has no exact deploy form. (N, H, W, Cin) -> (N, H/s, W/s, features).
+  """
+
+  features: int
+  strides: int = 1
+  groups: int = 1
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = ConvBN(self.features, 3, self.strides, self.groups, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
+               self.dtype, name="rbr_dense")(x, train)
+    y = y + Conv(self.features, 1, self.strides, self.groups, dtype=self.dtype, name="rbr_1x1")(x)
+    if x.shape[-1] == self.features and self.strides == 1:
+      gain = self.variable("batch_stats", "rbr_identity", jnp.ones, (self.features,), jnp.float32)
+      y = y + x * gain.value.astype(y.dtype)
+    return nn.relu(_batch_norm(self, train, "bn")(y))
+
+
 class MobileOneBlock(nn.Module):
   """MobileOne's training-time block: ReLU(SE(sum_i BN(convkxk_i(x)) + BN(conv1x1(x)) + BN(x))).
 
@@ -203,12 +233,14 @@ class _PlainStackNetwork(nn.Module):
 
 
 class RepVGG(_PlainStackNetwork):
-  """RepVGG: stage0..stage4 of RepVGG blocks, global average pool, a dense head."""
+  """RepVGG: stage0..stage4 of RepVGG blocks (QARepVGG blocks where ``quantization_friendly``), global average
+  pool, a dense head."""
 
   num_blocks: Sequence[int]
   width_multiplier: Sequence[float]
   groups: int = 1
   use_se: bool = False
+  quantization_friendly: bool = False
   num_classes: int = 1000
   deploy: bool = False
   dtype: Any = jnp.float32
@@ -220,6 +252,11 @@ class RepVGG(_PlainStackNetwork):
     return variants.block_plan(self.num_blocks, self.width_multiplier, self.groups, self.use_se)
 
   def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+    if self.quantization_friendly:
+      if spec.use_se:
+        raise ValueError("QARepVGG blocks have no SE: its official placement (BN after SE) cannot be fused exactly.")
+      return QARepVGGBlock(spec.features, spec.strides, spec.groups, self.bn_momentum, self.bn_epsilon,
+                           self.bn_axis_name, self.dtype, name=spec.name)
     return RepVGGBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.bn_momentum, self.bn_epsilon,
                        self.bn_axis_name, self.dtype, name=spec.name)
 
@@ -261,8 +298,8 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
                  **overrides) -> RepVGG | MobileOne:
   """Builds an official variant by name, e.g. ``create_model("RepVGG-A0")`` or ``create_model("MobileOne-S0")``.
 
-  ``overrides`` replace fields of the variant or of the network: RepVGG ``num_blocks``, ``width_multiplier``
-  (a, a, a, b), ``groups``, ``use_se``; MobileOne ``num_blocks``, ``width_multiplier`` (per stage),
+  ``overrides`` replace fields of the variant or of the network: RepVGG and QARepVGG ``num_blocks``,
+  ``width_multiplier`` (a, a, a, b), ``groups``, ``use_se`` (RepVGG only); MobileOne ``num_blocks``, ``width_multiplier`` (per stage),
   ``num_conv_branches``, ``se_blocks``; both ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is
   the compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics stay float32.
   """

@@ -1,4 +1,5 @@
-"""Structural re-parameterization as pure functions on arrays and PyTrees, for RepVGG and MobileOne blocks.
+"""Structural re-parameterization as pure functions on arrays and PyTrees, for RepVGG, QARepVGG and MobileOne
+blocks.
 
 Each branch of a training-time block is linear up to its BatchNorm, and in eval mode a BatchNorm is an
 affine map per channel, so the branches fold into one k x k convolution with a bias:
@@ -7,7 +8,9 @@ affine map per channel, so the branches fold into one k x k convolution with a b
 
 with the k x k conv branches K_i (RepVGG: one, ``rbr_dense``; MobileOne: ``rbr_conv_i``), the 1x1 branch
 padded to the centre (``rbr_1x1`` / ``rbr_scale``) and the identity (``rbr_identity`` / ``rbr_skip``), for
-any groups, depthwise included. Kernels are Flax HWIO arrays. Nothing here mutates its input or keeps
+any groups, depthwise included. A QARepVGG block sums BN3(conv3x3), a bare 1x1 conv and the bare identity,
+then applies one BN: the sum's kernel K3 t3 + pad(K1) + I and bias b3 fold with that BN (``fuse_bn_after_sum``).
+Kernels are Flax HWIO arrays. Nothing here mutates its input or keeps
 state; ``jax.jit(reparam)`` works.
 """
 
@@ -26,7 +29,7 @@ IDENTITY_BRANCHES = ("rbr_identity", "rbr_skip")  # BN alone.
 
 
 def _is_block_key(key: str) -> bool:
-  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se",)
+  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se", "bn")
 
 
 def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
@@ -42,6 +45,15 @@ def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
   """
   t = scale / jnp.sqrt(var + eps)
   return kernel * t, bias - mean * t
+
+
+def fuse_bn_after_sum(kernel, bias, scale, bn_bias, mean, var, eps: float = BN_EPSILON):
+  """Folds an eval-mode BatchNorm that follows conv(x, kernel) + bias (QARepVGG's BN after the branch sum).
+
+  kernel (kh, kw, Cin/groups, Cout), bias and the BN's arrays (Cout,). Returns (kernel * t, beta + (bias - mean)
+  * t) with t = scale / sqrt(var + eps): ``fuse_bn`` with the mean shifted by the bias.
+  """
+  return fuse_bn(kernel, scale, bn_bias, mean - bias, var, eps)
 
 
 def pad_to_center(kernel, size: int):
@@ -109,6 +121,8 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
   ``mean``/``var`` for each BatchNorm. Output: {``rbr_reparam``: {kernel (k,k,I,O), bias (O,)}} plus ``se``
   unchanged. ``path`` names the block in error messages.
   """
+  if "bn" in block_params:
+    return _fuse_quantization_friendly_block(block_params, block_stats, eps, path)
   unknown = sorted(k for k in block_params if not _is_block_key(k))
   if unknown:
     raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a re-parameterizable block "
@@ -153,6 +167,38 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
   if "se" in block_params:  # Carried over like any non-block subtree (SE has no BatchNorm to fold).
     fused["se"], _ = _reparam_tree(block_params["se"], stats.get("se"), eps, path + ("se",))
   return fused
+
+
+def _fuse_quantization_friendly_block(block_params: Mapping, block_stats, eps: float, path: tuple[str, ...]) -> dict:
+  """QARepVGG: {rbr_dense: {conv, bn}, rbr_1x1: {kernel (1,1,I,O)}, bn} + batch_stats {rbr_dense: {bn},
+  bn, rbr_identity (ones, where the block has an identity)} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}}:
+  K = K3 t3 + pad(K1) + I, b = beta3 - mu3 t3, then the BN after the sum folded in."""
+  unknown = sorted(set(block_params) - {"rbr_dense", "rbr_1x1", "bn"})
+  if unknown:
+    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a QARepVGG block holds rbr_dense, "
+                     "rbr_1x1 and bn.")
+  stats = block_stats if block_stats is not None else {}
+  extra = sorted(set(stats) - {"rbr_dense", "bn", "rbr_identity"})
+  if extra:
+    raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
+  kernel, *bn3 = _bn_branch(_child(block_params, "rbr_dense", path, "params"), stats.get("rbr_dense"),
+                            path + ("rbr_dense",), True)
+  kernel, bias = fuse_bn(kernel, *bn3, eps=eps)
+  k1 = _child(_child(block_params, "rbr_1x1", path, "params"), "kernel", path + ("rbr_1x1",), "params")
+  if k1.shape != (1, 1) + kernel.shape[2:]:
+    raise ValueError(f"Block {_join(path)!r}: rbr_dense kernel {kernel.shape} and rbr_1x1 kernel {k1.shape} do not "
+                     f"form a block (expected (1, 1) + {kernel.shape[2:]}).")
+  kernel = kernel + pad_1x1_to_3x3(k1)
+  if "rbr_identity" in stats:
+    in_per_group, channels = kernel.shape[2:]
+    gain = stats["rbr_identity"]
+    if jnp.shape(gain) != (channels,) or channels % in_per_group:
+      raise ValueError(f"Block {_join(path)!r} has an identity (batch_stats 'rbr_identity' of shape "
+                       f"{jnp.shape(gain)}) but its kernel {kernel.shape} does not map {channels} channels to themselves.")
+    kernel = kernel + identity_kernel(channels, channels // in_per_group, kernel.dtype) * gain
+  _, *bn = _bn_branch(block_params["bn"], stats.get("bn"), path + ("bn",), False)
+  kernel, bias = fuse_bn_after_sum(kernel, bias, *bn, eps=eps)
+  return {"rbr_reparam": {"kernel": kernel, "bias": bias}}
 
 
 def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[dict, int]:

@@ -33,7 +33,11 @@ _IGNORED_SUFFIX = ".num_batches_tracked"
 
 def family(name: str) -> str:
   """"mobileone" or "repvgg", from an official model name."""
-  return "mobileone" if isinstance(variants.get_variant(name), variants.MobileOneVariant) else "repvgg"
+  variant = variants.get_variant(name)
+  if getattr(variant, "quantization_friendly", False):
+    raise ValueError(f"{name}: PyTorch weights of QARepVGG (cxxgtxy/QARepVGG) are not supported yet; train it "
+                     "here or convert RepVGG weights.")
+  return "mobileone" if isinstance(variant, variants.MobileOneVariant) else "repvgg"
 
 
 def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name

@@ -13,6 +13,8 @@ A MobileOne variant: a 3x3 stride-2 stem block of min(64, 64 w1) channels, then 
 and a pointwise 1x1 block; every block trains with ``num_conv_branches`` (k) conv+BN branches, a 1x1 scale
 branch (3x3 blocks only) and an identity BN where shapes allow; the last ``se_blocks`` pairs of a stage
 have SE. S0 uses k = 4, S1-S4 k = 1; S4 puts SE on the last 5 pairs of stage3 and on stage4.
+
+QARepVGG-A0 .. B3g4 have RepVGG's shapes and the quantization-friendly block (``quantization_friendly``).
 """
 
 import dataclasses
@@ -32,6 +34,7 @@ class Variant:
   width_multiplier: tuple[float, float, float, float]
   groups: int = 1
   use_se: bool = False
+  quantization_friendly: bool = False  # QARepVGG's block instead of RepVGG's.
 
   def groups_map(self) -> dict[int, int]:
     """Layer index (1 = stage1's first block) -> number of groups, for grouped layers only."""
@@ -73,6 +76,10 @@ VARIANTS: dict[str, Variant] = {
     "MobileOne-S3": MobileOneVariant((2.0, 2.5, 3.0, 4.0)),
     "MobileOne-S4": MobileOneVariant((3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
 }
+# QARepVGG (Chu et al., 2022; cxxgtxy/QARepVGG): RepVGG's shapes with the quantization-friendly block. No D2se:
+# its SE sits between the branch sum and the block's BN, which no fusion can fold.
+VARIANTS.update({"QA" + name: dataclasses.replace(variant, quantization_friendly=True)
+                 for name, variant in list(VARIANTS.items()) if name.startswith("RepVGG-") and not variant.use_se})
 
 
 def list_models() -> list[str]:

@@ -16,7 +16,8 @@ MOBILEONE_SCALES = (0.2, 0.5)
 def random_like(shapes, seed: int = 0, dtype=np.float32, scale_range=(0.4, 1.2)):
   """A tree of random arrays shaped like ``shapes`` (a tree of arrays or ShapeDtypeStructs).
 
-  Kernels ~ N(0, 1/fan_in); BN scale ~ U(scale_range); bias, mean ~ 0.1 N(0, 1); var ~ U(0.5, 2).
+  Kernels ~ N(0, 1/fan_in); BN scale ~ U(scale_range); bias, mean ~ 0.1 N(0, 1); var ~ U(0.5, 2); QARepVGG's
+  identity gains stay 1.
   """
   rng = np.random.default_rng(seed)
 
@@ -31,6 +32,8 @@ def random_like(shapes, seed: int = 0, dtype=np.float32, scale_range=(0.4, 1.2))
       x = rng.uniform(0.5, 2.0, size=shape)
     elif name in ("bias", "mean"):
       x = 0.1 * rng.normal(size=shape)
+    elif name == "rbr_identity":  # QARepVGG's identity gain: a constant, not a statistic.
+      x = np.ones(shape)
     else:
       raise ValueError(f"unexpected leaf {path}")
     return jnp.asarray(x.astype(dtype))

@@ -7,6 +7,7 @@ On a GPU or TPU the same tests see the real reduced precision.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import repvgg_jax as rv
@@ -45,19 +46,25 @@ def test_a_default_precision_comparison_fails_where_the_check_holds(name, accele
   assert check_equivalence(model, v, deploy, plain, x) < 1e-5
 
 
-def test_a_wrong_bn_epsilon_is_still_caught(accelerator_precision):
-  model, v, deploy, plain, x = _forms(eps=1e-3)  # The model was built with eps 1e-5.
+def test_a_bn_epsilon_twice_the_models_is_caught_on_a_well_posed_network(accelerator_precision):
+  model, deploy = rv.create_model("RepVGG-A0", **SMALL), rv.create_model("RepVGG-A0", deploy=True, **SMALL)
+  v = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
+  x = jnp.asarray(wellposed.images((4, 32, 32, 3), seed=1), jnp.float32)
+  assert check_equivalence(model, v, deploy, rv.reparam(v["params"], v["batch_stats"]), x) < equivalence.RTOL
+  wrong = rv.reparam(v["params"], v["batch_stats"], eps=wellposed.WRONG_EPSILON)  # The model was built with 1e-5.
   with pytest.raises(EquivalenceError, match="largest logit"):
-    check_equivalence(model, v, deploy, plain, x)
+    check_equivalence(model, v, deploy, wrong, x)
 
 
 # --------------------------------------------------------------------------- Well-posed networks, float64.
 
-# A0 at full size, and every distinct layout (depths, groups, branches, SE) at reduced width: at equal
-# reduced widths A1, A2 are A0, B1-B3 are B0, the other g2/g4 variants B1g2/B1g4, and MobileOne-S2, S3 are S1.
+# A0 and QARepVGG-A0 at full size, and every distinct layout (depths, groups, branches, SE) at reduced width: at equal
+# reduced widths A1, A2 are A0, B1-B3 are B0, the other g2/g4 variants B1g2/B1g4, and MobileOne-S2, S3 are S1
+# (QARepVGG likewise).
 # Every variant at full size: benchmarks/equivalence_table.py (its table is in benchmarks/RESULTS.md).
-LAYOUTS = ["RepVGG-B0", "RepVGG-B1g2", "RepVGG-B1g4", "RepVGG-D2se", "MobileOne-S0", "MobileOne-S1", "MobileOne-S4"]
-CASES = [("RepVGG-A0", {})] + [(name, wellposed.reduced_width(name)) for name in LAYOUTS]
+LAYOUTS = ["RepVGG-B0", "RepVGG-B1g2", "RepVGG-B1g4", "RepVGG-D2se", "MobileOne-S0", "MobileOne-S1", "MobileOne-S4",
+           "QARepVGG-B0", "QARepVGG-B1g4"]
+CASES = [("RepVGG-A0", {}), ("QARepVGG-A0", {})] + [(name, wellposed.reduced_width(name)) for name in LAYOUTS]
 
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=[f"{n}{'' if o else '-full'}" for n, o in CASES])

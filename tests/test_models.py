@@ -19,7 +19,7 @@ PARAM_COUNTS_M = {
     "RepVGG-A0": (9.11, 8.31), "RepVGG-A1": (14.09, 12.79), "RepVGG-A2": (28.21, 25.50),
     "RepVGG-B0": (15.82, 14.34), "RepVGG-B1": (57.42, 51.83), "RepVGG-B1g2": (45.78, 41.36),
     "RepVGG-B1g4": (39.97, 36.13), "RepVGG-B2": (89.02, 80.32), "RepVGG-B2g4": (61.76, 55.78),
-    "RepVGG-B3": (123.08, 110.96), "RepVGG-B3g4": (83.83, 75.63), "RepVGG-D2se": (133.33, 120.39),
+    "RepVGG-B3": (123.09, 110.96), "RepVGG-B3g4": (83.83, 75.63), "RepVGG-D2se": (133.33, 120.39),
 }
 
 
@@ -35,7 +35,9 @@ def test_list_models_names_every_official_variant():
   assert rv.list_models() == [
       "RepVGG-A0", "RepVGG-A1", "RepVGG-A2", "RepVGG-B0", "RepVGG-B1", "RepVGG-B1g2", "RepVGG-B1g4",
       "RepVGG-B2", "RepVGG-B2g2", "RepVGG-B2g4", "RepVGG-B3", "RepVGG-B3g2", "RepVGG-B3g4", "RepVGG-D2se",
-      "MobileOne-S0", "MobileOne-S1", "MobileOne-S2", "MobileOne-S3", "MobileOne-S4"]
+      "MobileOne-S0", "MobileOne-S1", "MobileOne-S2", "MobileOne-S3", "MobileOne-S4", "QARepVGG-A0", "QARepVGG-A1",
+      "QARepVGG-A2", "QARepVGG-B0", "QARepVGG-B1", "QARepVGG-B1g2", "QARepVGG-B1g4", "QARepVGG-B2", "QARepVGG-B2g2",
+      "QARepVGG-B2g4", "QARepVGG-B3", "QARepVGG-B3g2", "QARepVGG-B3g4"]
 
 
 @pytest.mark.parametrize("bad,suggestion", [("RepVGG-A9", "RepVGG-A0"), ("repvgg-b1g4", "RepVGG-B1g4"),
@@ -66,6 +68,32 @@ def test_parameter_counts_match_the_paper(name):
   train_m, deploy_m = PARAM_COUNTS_M[name]
   assert _count_m(_shapes(rv.create_model(name))["params"]) == pytest.approx(train_m, abs=0.01)
   assert _count_m(_shapes(rv.create_model(name, deploy=True))["params"]) == pytest.approx(deploy_m, abs=0.01)
+
+
+def _counts_from_the_rules(depths, a, b, groups):
+  """(train, deploy) parameters in millions, counted from DESIGN.md's rules alone, 1000 classes."""
+  widths = [min(64, int(64 * a))] + [int(w * m) for w, m in zip((64, 128, 256, 512), (a, a, a, b))]
+  blocks = [(3, widths[0], 2, 1)]  # (cin, cout, stride, groups)
+  layer = 1
+  for stage, depth in enumerate(depths, start=1):
+    for i in range(depth):
+      blocks.append((blocks[-1][1], widths[stage], 2 if i == 0 else 1, groups if layer % 2 == 0 and layer <= 26 else 1))
+      layer += 1
+  train = deploy = widths[-1] * 1000 + 1000
+  for cin, cout, stride, g in blocks:
+    deploy += 9 * cin // g * cout + cout
+    train += 10 * cin // g * cout + 4 * cout + (2 * cin if cin == cout and stride == 1 else 0)
+  return train / 1e6, deploy / 1e6
+
+
+@pytest.mark.parametrize("name,depths,a,b,groups", [("RepVGG-B2g2", (4, 6, 16, 1), 2.5, 5, 2),
+                                                    ("RepVGG-B3g2", (4, 6, 16, 1), 3, 5, 2),
+                                                    ("RepVGG-B3", (4, 6, 16, 1), 3, 5, 1)])
+def test_parameter_counts_of_the_variants_without_a_published_count_follow_the_rules(name, depths, a, b, groups):
+  """B2g2 and B3g2 have no published count: counted independently from the layout rules (B3 checks the count)."""
+  train_m, deploy_m = _counts_from_the_rules(depths, a, b, groups)
+  assert _count_m(_shapes(rv.create_model(name))["params"]) == pytest.approx(train_m, abs=1e-6)
+  assert _count_m(_shapes(rv.create_model(name, deploy=True))["params"]) == pytest.approx(deploy_m, abs=1e-6)
 
 
 def test_stage_widths_and_strides_follow_the_paper():
@@ -138,7 +166,7 @@ def _eval_pair(name, size=32, batch=2, num_classes=10, seed=0):
 
 # Plain (full size), grouped, SE. Calibrated float32 networks are ill-conditioned for some variants
 # (MobileOne-S4: logits ~8e3, float32 rounding amplified to ~1e-1): equality itself is checked in float64.
-PRODUCTION_CHECKED = ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"]
+PRODUCTION_CHECKED = ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se", "QARepVGG-B1g4"]
 
 
 @pytest.mark.parametrize("name", PRODUCTION_CHECKED)

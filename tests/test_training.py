@@ -189,6 +189,11 @@ def test_official_configs_hold_the_recipe():
                            "RepVGG-D2se")
     assert variant.num_epochs == (200 if long_recipe else 120)
     assert set(variant.keys()) == set(config.keys())
+  for name in (n for n in rv.list_models() if n.startswith("QARepVGG")):  # cxxgtxy/QARepVGG's recipe.
+    variant = importlib.import_module(f"configs.qarepvgg_{name.split('-')[1].lower()}").get_config()
+    assert variant.model == name and set(variant.keys()) == set(config.keys())
+    assert (variant.weight_decay, variant.num_epochs, variant.mixup_alpha) == (4e-5, 120, 0.0)
+    assert (variant.momentum, variant.learning_rate, variant.label_smoothing) == (0.9, 0.1, 0.1)
   for name in (n for n in rv.list_models() if n.startswith("MobileOne")):
     variant = importlib.import_module(f"configs.mobileone_{name.split('-')[1].lower()}").get_config()
     assert variant.model == name and set(variant.keys()) == set(config.keys())

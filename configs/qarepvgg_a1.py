@@ -1,0 +1,15 @@
+"""QARepVGG-A1 on ImageNet, the official QARepVGG recipe (cxxgtxy/QARepVGG: plain weight decay 4e-5, no custom
+L2, 120 epochs; otherwise RepVGG's: SGD nesterov momentum 0.9, lr 0.1 per 256 images, cosine, label smoothing 0.1).
+
+  python train.py --config=configs/qarepvgg_a1.py --workdir=runs/qarepvgg_a1
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "QARepVGG-A1"
+  config.weight_decay = 4e-5
+  config.num_epochs = 120
+  return config
