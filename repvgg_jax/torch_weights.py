@@ -115,6 +115,7 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
     ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
     for the deploy form.
   """
+  kind = family(name)
   weights = {}
   for key, value in state_dict.items():
     key = key[len("module."):] if key.startswith("module.") else key
@@ -133,7 +134,6 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
   model = create_model(name, num_classes=head_classes, deploy=is_deploy, **overrides)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  kind = family(name)
   to_key = ((lambda path: official_to_timm(official_key(path, kind), kind)) if naming == "timm"
             else (lambda path: official_key(path, kind)))
   expected, missing, mismatched = {}, [], []
