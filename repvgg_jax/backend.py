@@ -34,6 +34,7 @@ barrier keeps the bias out of the convolution's fusion; it is empty until benchm
 times both, shows that it helps.
 """
 
+import contextlib
 import importlib.metadata
 import os
 from typing import MutableMapping
@@ -72,8 +73,24 @@ def prefer_eigen_convolutions(environ: MutableMapping[str, str] = os.environ,
   return True
 
 
+_plain = False
+
+
+@contextlib.contextmanager
+def plain_convolutions():
+  """While models are traced in this context, every convolution is one ``lax.conv_general_dilated`` and the pool
+  a mean, whatever the backend: quantization must see one op per convolution (not per tap), and the
+  accelerator-precision emulation the convolutions an accelerator runs."""
+  global _plain  # pylint: disable=global-statement
+  previous, _plain = _plain, True
+  try:
+    yield
+  finally:
+    _plain = previous
+
+
 def _special_paths() -> bool:
-  return jax.default_backend() in SPECIAL_PATHS
+  return not _plain and jax.default_backend() in SPECIAL_PATHS
 
 
 def conv2d(x, kernel, strides: int = 1, groups: int = 1):

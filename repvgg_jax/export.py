@@ -78,11 +78,12 @@ def load(path: str) -> Callable[[jax.Array], jax.Array]:
 
 # --------------------------------------------------------------------------- ONNX.
 
-ONNX_OPSET = 17  # Every op used (Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten, Gemm) is older.
+ONNX_OPSET = 17  # Every op used (Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten, Gemm, per-axis QDQ) is older.
 ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer than it knows.
 
 
-def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Optional[tuple[int, int]] = None):
+def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Optional[tuple[int, int]] = None,
+            int8: Optional[Mapping[str, Mapping]] = None):
   """The plain network as an ``onnx.ModelProto``: NCHW float32 input ``images`` (batch, C, height, width),
   all three symbolic, and one output ``logits`` (batch, num_classes). Written to ``path`` if given.
   ``image_size=(H, W)`` fixes height and width (the batch stays symbolic), as fixed-size exporters do
@@ -92,6 +93,11 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
   has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu; then GlobalAveragePool,
   Flatten and Gemm. Kernels are transposed once here (HWIO -> OIHW), so the graph holds no Transpose.
   ``model``/``params`` as for ``export_deploy``; a training-form or mismatched tree raises ValueError.
+
+  ``int8`` (``quantize.int8_layers``: per layer an input scale, int8 weights and per-output-channel weight
+  scales) makes the graph INT8 in QDQ form: each quantized layer's input passes QuantizeLinear/DequantizeLinear
+  with its static scale and its weight is an int8 tensor behind a per-channel DequantizeLinear, which
+  onnxruntime fuses into integer convolutions and matmuls; biases and SE stay float.
   """
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
@@ -99,25 +105,40 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
   check_deploy_params(model, params)
   nodes, weights = [], []
 
-  def constant(name, array):
-    weights.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
+  def constant(name, array, dtype=np.float32):
+    weights.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype), name))
     return name
 
   def node(op, inputs, name, **attrs):
     nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
     return name
 
-  def conv(x, kernel_hwio, bias, name, strides=1, groups=1):
-    kernel = np.asarray(kernel_hwio).transpose(3, 2, 0, 1)
-    k = kernel.shape[-1]
-    return node("Conv", [x, constant(f"{name}.weight", kernel), constant(f"{name}.bias", bias)], name,
+  def quantized_input(x, layer, name):
+    scale, zero = constant(f"{name}.input_scale", int8[layer]["input_scale"]), constant(f"{name}.zero", 0, np.int8)
+    return node("DequantizeLinear", [node("QuantizeLinear", [x, scale, zero], f"{name}.input_q"), scale, zero],
+                f"{name}.input_dq")
+
+  def weight(name, kernel, layer, axis, layout):
+    if int8 is None or layer not in int8:
+      return constant(f"{name}.weight", layout(np.asarray(kernel)))
+    q, scale = layout(int8[layer]["weight"]), int8[layer]["weight_scale"]
+    return node("DequantizeLinear", [constant(f"{name}.weight_int8", q, np.int8), constant(f"{name}.weight_scale", scale),
+                                     constant(f"{name}.weight_zero", np.zeros(scale.shape), np.int8)],
+                f"{name}.weight", axis=axis)
+
+  def conv(x, kernel_hwio, bias, name, strides=1, groups=1, layer=None):
+    k = np.shape(kernel_hwio)[0]
+    if int8 is not None and layer in int8:
+      x = quantized_input(x, layer, name)
+    w = weight(name, kernel_hwio, layer, 0, lambda a: a.transpose(3, 2, 0, 1))
+    return node("Conv", [x, w, constant(f"{name}.bias", bias)], name,
                 kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides], group=groups)
 
   x = "images"
   for spec in model.plan():
     block = params[spec.name]
     fused = block["rbr_reparam"]
-    x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups)
+    x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups, spec.name)
     if spec.use_se:
       down, up = block["se"]["down"], block["se"]["up"]
       s = node("GlobalAveragePool", [x], f"{spec.name}.se.pool")
@@ -128,9 +149,10 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
       x = node("Mul", [x, s], f"{spec.name}.se")
     x = node("Relu", [x], f"{spec.name}.relu")
   x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
-  node("Gemm", [x, constant("linear.weight", params["linear"]["kernel"]), constant("linear.bias",
-                                                                                 params["linear"]["bias"])],
-       "logits")
+  if int8 is not None and "linear" in int8:
+    x = quantized_input(x, "linear", "linear")
+  node("Gemm", [x, weight("linear", params["linear"]["kernel"], "linear", 1, lambda a: a),
+                constant("linear.bias", params["linear"]["bias"])], "logits")
   channels = int(params["stage0"]["rbr_reparam"]["kernel"].shape[2])
   classes = int(params["linear"]["kernel"].shape[-1])
   graph = helper.make_graph(

@@ -1,0 +1,284 @@
+"""INT8 of the plain (deploy) model with Qwix: post-training quantization, quantization-aware training, and an
+INT8 ONNX graph that onnxruntime runs with the same numbers.
+
+  python -m repvgg_jax.quantize --config=configs/quickstart.py --workdir=runs/quickstart [--qat_epochs=1]
+
+reads ``<workdir>/deploy`` (a finished run, or converted weights saved there), calibrates on training images,
+evaluates float32 / PTQ / QAT on the eval split, and writes ``<workdir>/int8_metrics.json`` and
+``<workdir>/deploy_int8.onnx`` (only once onnxruntime agrees with the JAX fake-quantized logits).
+
+The scheme (Qwix's numerics, google/qwix ``QtProvider``): every block's fused convolution (``rbr_reparam``) and
+the head (``linear``) take int8 weights, symmetric per output channel (scale = max |w| / 127.5 over the
+channel), and int8 inputs, symmetric per tensor with a static scale (the mean over calibration batches of
+each batch's max |x|, / 127.5); values are rounded half to even. SE layers stay float. Each convolution is one
+quantized op: the CPU paths of ``backend`` are off while a quantized model is traced.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import qwix
+
+from repvgg_jax import backend
+
+QUANTIZED_MODULES = r"(.*/)?(rbr_reparam|linear)"
+STAT = "conv_general_dilated0_lhs", "dot_general0_lhs"  # Qwix's names of a layer's input statistics.
+
+
+def _symmetric(bits: int) -> tuple[float, int]:
+  """Qwix's symmetric integer grid: scale = absmax / (qmax + 0.5) (the largest bucket covers [qmax - 0.5,
+  qmax + 0.5)), values rounded half to even and saturated to [-qmax, qmax]."""
+  qmax = 2 ** (bits - 1) - 1
+  return qmax + 0.5, qmax
+
+
+def _qtype(bits: int):
+  return {8: jnp.int8, 4: jnp.int4}[bits]
+
+
+def fake_quantized(deploy_model, weight_bits: int = 8, act_bits: int = 8):
+  """The deploy model with Qwix fake quantization (W``weight_bits``A``act_bits``, static activation scales)."""
+  rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=_qtype(weight_bits), act_qtype=_qtype(act_bits),
+                     act_static_scale=True, act_calibration_method="absmax")
+  return qwix.quantize_model(deploy_model, qwix.QtProvider([rule]))
+
+
+def _apply(qmodel, params, quant_stats, images, update: bool):
+  with backend.plain_convolutions():
+    if update:
+      return qmodel.apply({"params": params, "quant_stats": quant_stats}, images, mutable=["quant_stats"])
+    return qmodel.apply({"params": params, "quant_stats": quant_stats}, images)
+
+
+def calibrate(qmodel, params: Mapping, batches: Iterable) -> dict:
+  """The static activation statistics of ``qmodel`` (from ``fake_quantized``) over the image batches
+  (N, H, W, C): Qwix's running mean of each batch's max |x| per quantized layer."""
+  params = jax.tree.map(jnp.asarray, params)  # Qwix finds a kernel among the params by identity: no numpy copies.
+  batches = iter(batches)
+  first = next(batches)
+  with backend.plain_convolutions():
+    stats = qmodel.init(jax.random.key(0), first)["quant_stats"]
+  # Eager: under jit, Qwix's statistics update inside its custom-VJP convolution leaks a tracer (qwix 0.1.8).
+  step = functools.partial(_apply, qmodel, update=True)
+  for images in [first, *batches]:
+    _, updates = step(params, stats, images)
+    stats = updates["quant_stats"]
+  return stats
+
+
+def logits(qmodel, params: Mapping, quant_stats: Mapping, images):
+  """Fake-quantized logits with the calibrated static scales (the statistics are not updated)."""
+  return _jit_apply(qmodel)(params, quant_stats, images)
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_apply(qmodel):
+  return jax.jit(functools.partial(_apply, qmodel, update=False))
+
+
+def int8_layers(params: Mapping, quant_stats: Mapping, weight_bits: int = 8) -> dict[str, dict]:
+  """Per quantized layer ('stage0', ..., 'linear'): the input scale (per tensor) and the integer weights with
+  their per-output-channel scales, exactly as the fake-quantized JAX model uses them.
+
+  Returns {layer: {"input_scale": float, "weight": int8 array of the kernel's shape, "weight_scale": (O,)}}.
+  """
+  bound, qmax = _symmetric(weight_bits)
+  layers = {}
+  for name, tree in _quantized_subtrees(params):
+    stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
+    stat = next(stats[k] for k in STAT if k in stats)
+    input_absmax = float(np.asarray(stat["sum_of_absmax"]).max() / np.asarray(stat["count"]))
+    kernel = np.asarray(tree["kernel"], np.float64)
+    absmax = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+    scale = np.where(absmax > 0, absmax / bound, 1.0)
+    q = np.clip(np.round(kernel / scale), -qmax, qmax).astype(np.int8)
+    layers[name] = {"input_scale": input_absmax / _symmetric(8)[0], "weight": q,
+                    "weight_scale": scale.astype(np.float32)}
+  return layers
+
+
+def _quantized_subtrees(params: Mapping):
+  for name, block in params.items():
+    if name == "linear":
+      yield name, block
+    elif isinstance(block, Mapping) and "rbr_reparam" in block:
+      yield name, block["rbr_reparam"]
+
+
+def sqnr_db(x, x_quantized) -> float:
+  """Signal-to-quantization-noise ratio, 10 log10(sum x^2 / sum (x - x_q)^2), in dB."""
+  x, x_quantized = np.asarray(x, np.float64), np.asarray(x_quantized, np.float64)
+  noise = float(np.sum((x - x_quantized) ** 2))
+  return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(x ** 2)) / noise)
+
+
+def quantize_symmetric(x, bits: int = 8, axis=None):
+  """Symmetric fake quantization of ``x`` (per tensor, or per slice along ``axis`` kept): Qwix's numerics."""
+  x = np.asarray(x, np.float64)
+  bound, qmax = _symmetric(bits)
+  reduce = None if axis is None else tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+  absmax = np.abs(x).max(axis=reduce, keepdims=True)
+  scale = np.where(absmax > 0, absmax / bound, 1.0)
+  return np.clip(np.round(x / scale), -qmax, qmax) * scale
+
+
+def kernel_sqnr(params: Mapping, bits: int = 8) -> dict[str, tuple[float, float]]:
+  """Per fused kernel: (SQNR per tensor, SQNR per output channel) in dB, the weight side of the mechanism
+  the QARepVGG paper names (wide fused-kernel ranges)."""
+  return {name: (sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits)),
+                 sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits, axis=-1)))
+          for name, tree in _quantized_subtrees(params)}
+
+
+def qat(qmodel, params: Mapping, quant_stats: Mapping, batches: Iterable, learning_rate: float,
+        num_steps: int, label_smoothing: float = 0.0, log_every: int = 100, log=print) -> tuple[dict, dict]:
+  """Quantization-aware fine-tuning of the deploy params through the fake quantization (straight-through
+  gradients), SGD with momentum 0.9 and a cosine schedule to 0; the activation statistics keep being
+  averaged. ``batches`` yield {"image", "label"}. Returns (params, quant_stats)."""
+  optimizer = optax.sgd(optax.cosine_decay_schedule(learning_rate, max(num_steps, 1)), momentum=0.9)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, stats, images, labels):
+    def loss_fn(p):
+      y, updates = _apply(qmodel, p, stats, images, update=True)
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, y.shape[-1]), label_smoothing)
+      return optax.softmax_cross_entropy(y, targets).mean(), updates["quant_stats"]
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, stats, loss
+
+  start = time.time()
+  for i, batch in zip(range(num_steps), batches):
+    params, opt_state, quant_stats, loss = step(params, opt_state, quant_stats, batch["image"], batch["label"])
+    if (i + 1) % log_every == 0 or i + 1 == num_steps:
+      log(f"QAT step {i + 1}/{num_steps}: loss {float(loss):.4f}, {(i + 1) / (time.time() - start):.1f} steps/s")
+  return params, quant_stats
+
+
+def accuracy(predict, batches: Iterable) -> float:
+  """Top-1 accuracy of ``predict(images) -> logits`` over padded eval batches ({"image", "label", "mask"})."""
+  correct = count = 0.0
+  for batch in batches:
+    hit = np.asarray(jnp.argmax(predict(batch["image"]), -1) == batch["label"])
+    mask = np.asarray(batch["mask"]) > 0
+    correct += float(hit[mask].sum())
+    count += float(mask.sum())
+  return correct / count
+
+
+def write_metrics(path: str, metrics: Mapping[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(dict(metrics), f, indent=1)
+    f.write("\n")
+
+
+# --------------------------------------------------------------------------- The command line.
+
+# onnxruntime's integer kernels round and saturate like Qwix except at the edges (its int8 grid is [-128, 127],
+# its bias is int32 at the input scale times the weight scale, its requantization fixed-point), so a few
+# activations land one step apart; in a deep net these steps add up. The bound is on what a user sees: the
+# same predicted class on held-out images, and logits within a fraction of their spread.
+ONNX_ARGMAX_AGREEMENT = 0.98
+ONNX_SPREAD_FRACTION = 0.1
+
+
+def check_int8_onnx(proto, qmodel, params: Mapping, quant_stats: Mapping, images) -> dict:
+  """onnxruntime's INT8 logits vs the JAX fake-quantized ones on NHWC ``images``: {"argmax_agreement",
+  "max_error_vs_spread"}; raises ``equivalence.EquivalenceError`` outside the bounds above."""
+  from repvgg_jax import equivalence, export  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images, np.float32)
+  expected = np.asarray(logits(qmodel, params, quant_stats, images))
+  got = export.onnx_session(proto).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
+  agreement = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
+  spread = float(np.abs(expected - expected.mean(0)).max()) or 1.0
+  error = float(np.abs(got - expected).max()) / spread
+  if agreement < ONNX_ARGMAX_AGREEMENT or error > ONNX_SPREAD_FRACTION:
+    raise equivalence.EquivalenceError(
+        f"onnxruntime's INT8 logits differ from the JAX fake-quantized model's: same class on {agreement:.1%} of "
+        f"the held-out images (bound {ONNX_ARGMAX_AGREEMENT:.0%}), max error {error:.3f} of the logits' spread "
+        f"(bound {ONNX_SPREAD_FRACTION}).")
+  return {"argmax_agreement": agreement, "max_error_vs_spread": error}
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from repvgg_jax import checkpoints, equivalence, export, input_pipeline, training  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config, workdir = flags_.config, flags_.workdir
+  if flags_.weight_bits not in (4, 8) or flags_.qat_epochs < 0 or flags_.calibration_batches < 1:
+    raise app.UsageError("--weight_bits must be 8 or 4, --qat_epochs >= 0 and --calibration_batches >= 1.")
+  deploy_dir = os.path.join(workdir, "deploy")
+  if not os.path.isdir(deploy_dir):
+    raise app.UsageError(f"{deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
+                         "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
+  source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
+  deploy = training.model_from_config(config, source.num_classes, deploy=True, half_precision=False)
+  params = jax.tree.map(jnp.asarray, checkpoints.load_tree(deploy_dir))
+  export.check_deploy_params(deploy, params)
+  batch = min(config.batch_size, 256)
+  qmodel = fake_quantized(deploy, flags_.weight_bits, 8)
+
+  def eval_accuracy(predict):
+    return accuracy(predict, input_pipeline.eval_batches(source, config, batch))
+
+  metrics = {"weight_bits": flags_.weight_bits, "act_bits": 8}
+  forward = jax.jit(lambda x: deploy.apply({"params": params}, x))
+  metrics["float32"] = eval_accuracy(forward)
+  logging.info("float32 deploy model: eval accuracy %.4f", metrics["float32"])
+  train = input_pipeline.train_dataset(source, config, batch, seed=config.seed).as_numpy_iterator()
+  stats = calibrate(qmodel, params, (next(train)["image"] for _ in range(flags_.calibration_batches)))
+  metrics["ptq"] = eval_accuracy(lambda x: logits(qmodel, params, stats, x))
+  logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", flags_.weight_bits,
+               flags_.calibration_batches, batch, metrics["ptq"])
+  metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c} for k, (t, c) in kernel_sqnr(params).items()}
+  if flags_.qat_epochs > 0:
+    steps = int(flags_.qat_epochs * source.num_examples(config.train_split) // batch)
+    params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
+                        log=logging.info)
+    metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, params, stats, x))
+    metrics["qat_epochs"] = flags_.qat_epochs
+    logging.info("QAT (%s epochs): eval accuracy %.4f", flags_.qat_epochs, metrics["qat"])
+  if flags_.weight_bits == 8:
+    proto = export.to_onnx(deploy, jax.device_get(params), int8=int8_layers(params, stats))
+    held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
+    try:
+      metrics["onnx_vs_jax"] = check_int8_onnx(proto, qmodel, params, stats, held_out)
+    except equivalence.EquivalenceError as e:
+      raise app.UsageError(f"deploy_int8.onnx not written: {e}") from e
+    path = os.path.join(workdir, "deploy_int8.onnx")
+    export.save_onnx(proto, path)
+    session = export.onnx_session(path)
+    metrics["onnx_int8"] = eval_accuracy(
+        lambda x: session.run(["logits"], {"images": np.asarray(x, np.float32).transpose(0, 3, 1, 2)})[0])
+    logging.info("Wrote %s: onnxruntime INT8 eval accuracy %.4f; vs JAX %s", path, metrics["onnx_int8"],
+                 metrics["onnx_vs_jax"])
+  write_metrics(os.path.join(workdir, "int8_metrics.json"), metrics)
+  logging.info("Wrote %s", os.path.join(workdir, "int8_metrics.json"))
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "The run's training configuration file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's workdir (holds deploy/); int8 outputs are written there.")
+  flags.DEFINE_float("qat_epochs", 0, "Quantization-aware fine-tuning epochs; 0 = post-training quantization only.")
+  flags.DEFINE_float("qat_learning_rate", 1e-3, "Peak learning rate of the fine-tuning (cosine to 0).")
+  flags.DEFINE_integer("calibration_batches", 8, "Training batches for the static activation scales.")
+  flags.DEFINE_integer("weight_bits", 8, "Weight bits, 8 or 4 (activations: 8); 4 is JAX-only (no ONNX).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,101 @@
+"""Spec of INT8 (repvgg_jax/quantize.py): Qwix fake quantization of the deploy form with one quantized op per
+convolution, integer weights and scales exactly as the JAX model uses them, and an INT8 ONNX graph that
+onnxruntime runs with the JAX model's predictions, written by the command line only after that check."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import repvgg_jax as rv
+from repvgg_jax import models, quantize
+from tests.helpers import random_variables
+
+pytest.importorskip("qwix")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 2, 2, 1))
+
+
+@pytest.mark.parametrize("name,overrides", [("RepVGG-A0", TINY),
+                                            ("MobileOne-S0", dict(num_classes=10, width_multiplier=(0.5,) * 4,
+                                                                  num_blocks=(1, 1, 1, 1)))])
+def test_each_convolution_is_one_quantized_op_even_where_the_cpu_splits_it(name, overrides):
+  """On the CPU, small maps run as shifted matmuls and depthwise convolutions as multiply-adds (backend.py);
+  quantized, every fused convolution must be one conv_general_dilated with one input statistic."""
+  deploy = rv.create_model(name, deploy=True, **overrides)
+  model = rv.create_model(name, **overrides)
+  v = random_variables(model, (2, 32, 32, 3))
+  plain = rv.reparam(v["params"], v["batch_stats"])
+  stats = quantize.calibrate(quantize.fake_quantized(deploy), plain, [jnp.ones((2, 32, 32, 3))])
+  blocks = [k for k in plain if k != "linear"]
+  assert sorted(stats) == sorted(blocks + ["linear"])
+  for block in blocks:
+    assert list(stats[block]["rbr_reparam"]) == ["conv_general_dilated0_lhs"], block
+  assert list(stats["linear"]) == ["dot_general0_lhs"]
+
+
+class _OneConv(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return models.PlainBlock(8, name="stage0")(x)
+
+
+def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
+  net = _OneConv()
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+  params = net.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda a: a + 0.1, params)  # A non-zero bias too.
+  qmodel = quantize.fake_quantized(net)
+  stats = quantize.calibrate(qmodel, params, [x, 2 * x])
+  layer = quantize.int8_layers(params, stats)["stage0"]
+  assert layer["weight"].dtype == np.int8 and np.abs(layer["weight"]).max() == 127
+  # Static scale: the mean over the two batches of the per-example max |x| (Qwix averages over the batch axis).
+  per_example = np.abs(np.asarray(x)).reshape(4, -1).max(1).mean()
+  assert layer["input_scale"] == pytest.approx(1.5 * per_example / 127.5, rel=1e-6)
+  s = layer["input_scale"]
+  xq = np.clip(np.round(np.asarray(x) / s), -127, 127) * s
+  w = layer["weight"] * layer["weight_scale"]
+  expected = lax.conv_general_dilated(jnp.asarray(xq, jnp.float32), jnp.asarray(w, jnp.float32), (1, 1),
+                                      [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision="highest") + params["stage0"]["rbr_reparam"]["bias"]
+  got = quantize.logits(qmodel, params, stats, x)
+  np.testing.assert_allclose(got, jnp.maximum(expected, 0), atol=2e-6 * float(jnp.abs(expected).max()))
+
+
+def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel():
+  kernel = np.random.default_rng(0).normal(size=(3, 3, 16, 8))
+  kernel[..., 0] *= 100  # As a fused identity or 1x1 branch can make one channel's centre tap dominate.
+  per_tensor = quantize.sqnr_db(kernel[..., 1:], quantize.quantize_symmetric(kernel)[..., 1:])
+  per_channel = quantize.sqnr_db(kernel[..., 1:], quantize.quantize_symmetric(kernel, axis=-1)[..., 1:])
+  assert per_channel > 40 > per_tensor + 20
+
+
+@pytest.mark.slow
+def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp_path, fmnist_dir):
+  """Tiny run on the fake Fashion-MNIST, then PTQ and one QAT epoch: metrics and the INT8 ONNX are written,
+  and onnxruntime's INT8 graph gives the JAX fake-quantized model's predictions."""
+  pytest.importorskip("onnxruntime")
+  from repvgg_jax import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import tiny_config, tiny_flags  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  training.train_and_evaluate(tiny_config(fmnist_dir, num_train_steps=16, eval_every_steps=16), workdir)
+  result = subprocess.run([sys.executable, "-m", "repvgg_jax.quantize", "--config=configs/quickstart.py",
+                           f"--workdir={workdir}", "--qat_epochs=1", "--calibration_batches=2",
+                           *tiny_flags(fmnist_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "int8_metrics.json")) as f:
+    metrics = json.load(f)
+  assert {"float32", "ptq", "qat", "onnx_int8", "onnx_vs_jax", "kernel_sqnr_db"} <= set(metrics)
+  assert metrics["onnx_vs_jax"]["argmax_agreement"] >= quantize.ONNX_ARGMAX_AGREEMENT
+  assert os.path.getsize(os.path.join(workdir, "deploy_int8.onnx")) > 0
+  import onnx  # pylint: disable=g-import-not-at-top
+  ops = [n.op_type for n in onnx.load(os.path.join(workdir, "deploy_int8.onnx")).graph.node]
+  assert ops.count("QuantizeLinear") == 5 + 1  # One per block (stage0, one per stage) and one for the head.
+  assert "PTQ (W8A8" in result.stderr and "QAT step 8/8" in result.stderr  # Progress lines, as training's.
