@@ -2,11 +2,13 @@
 
   python train.py --config=configs/quickstart.py --workdir=runs/quickstart
   python benchmarks/onnx_int8.py --workdir=runs/quickstart
+  python benchmarks/onnx_int8.py --speed_model=RepVGG-A0 --image_size=224 --repeats=10
 
 Exports the run's deploy params to ONNX (float32), quantizes it with ``onnxruntime.quantization`` (QDQ,
 uint8 activations, int8 weights, MinMax calibration on training images), once with per-tensor and once
 with per-channel weight scales, then prints accuracy on the whole Fashion-MNIST test split and onnxruntime
-throughput (batch 1 and 32, interleaved) for each. RepVGG is known to lose accuracy under naive INT8: the
+throughput (batch 1 and 32, interleaved) for each, and the same for ``<workdir>/deploy_int8.onnx`` where
+``python -m repvgg_jax.quantize`` wrote one (Qwix's scales, int8 activations). RepVGG is known to lose accuracy under naive INT8: the
 fused kernels' value ranges are wide (identity and 1x1 branches summed into the centre tap).
 """
 
@@ -52,9 +54,9 @@ def accuracy(session, source, config) -> float:
   return correct / total
 
 
-def throughput(sessions: dict, batch: int, repeats: int) -> dict:
+def throughput(sessions: dict, batch: int, repeats: int, shape=(1, 28, 28)) -> dict:
   """images/s per session, timed round by round, each timed call after one untimed call."""
-  x = {"images": np.random.default_rng(0).normal(size=(batch, 1, 28, 28)).astype(np.float32)}
+  x = {"images": np.random.default_rng(0).normal(size=(batch,) + tuple(shape)).astype(np.float32)}
   times = {name: [] for name in sessions}
   for _ in range(repeats):
     for name, session in sessions.items():
@@ -65,15 +67,46 @@ def throughput(sessions: dict, batch: int, repeats: int) -> dict:
   return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
+def speed_only(name: str, image_size: int, repeats: int) -> None:
+  """onnxruntime float32 vs our INT8 graph (Qwix scales calibrated on random images) of an untrained full-size
+  model: speed only, as accuracy needs ImageNet."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import quantize  # pylint: disable=g-import-not-at-top
+  model, deploy = rv.create_model(name), rv.create_model(name, deploy=True)
+  variables = model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3), np.float32))
+  params = rv.reparam(variables["params"], variables["batch_stats"])
+  images = [np.random.default_rng(i).normal(size=(8, image_size, image_size, 3)).astype(np.float32) for i in range(2)]
+  stats = quantize.calibrate(quantize.fake_quantized(deploy), params, images)
+  threads = os.cpu_count() or 1
+  sessions = {"float32": export.onnx_session(export.to_onnx(deploy, params), threads),
+              "int8 Qwix scales (ours)": export.onnx_session(
+                  export.to_onnx(deploy, params, int8=quantize.int8_layers(params, stats)), threads)}
+  print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads\n")
+  print("| graph | img/s batch 1 | img/s batch 32 | batch 1 vs float32 | batch 32 vs float32 |")
+  print("|---|---|---|---|---|")
+  speeds = {b: throughput(sessions, b, repeats, (3, image_size, image_size)) for b in (1, 32)}
+  for graph in sessions:
+    print(f"| {graph} | {speeds[1][graph]:,.1f} | {speeds[32][graph]:,.1f} | "
+          f"{speeds[1][graph] / speeds[1]['float32']:.2f}x | {speeds[32][graph] / speeds[32]['float32']:.2f}x |")
+
+
 def main():
   from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
   import onnxruntime  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a finished quickstart run (holds deploy/)")
+  parser.add_argument("--workdir", help="a finished quickstart run (holds deploy/)")
   parser.add_argument("--calibration_batches", type=int, default=16, help="batches of 64 training images")
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--speed_model", help="instead: float32 vs INT8 speed of this untrained model, e.g. RepVGG-A0")
+  parser.add_argument("--image_size", type=int, default=224, help="with --speed_model")
   args = parser.parse_args()
+  if args.speed_model:
+    speed_only(args.speed_model, args.image_size, args.repeats)
+    return
+  if not args.workdir:
+    parser.error("--workdir or --speed_model is required")
   config = quickstart.get_config()
   source = input_pipeline.get_source(config.dataset, config.data_dir)
   deploy = training.model_from_config(config, source.num_classes, deploy=True)
@@ -90,6 +123,9 @@ def main():
                                                                                   args.calibration_batches),
                         quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    ours = os.path.join(args.workdir, "deploy_int8.onnx")  # python -m repvgg_jax.quantize's graph, if written.
+    if os.path.exists(ours):
+      paths["int8 Qwix scales (ours)"] = ours
     sessions = {name: export.onnx_session(path, threads) for name, path in paths.items()}
     sizes = {name: os.path.getsize(path) / 2**20 for name, path in paths.items()}
     accuracies = {name: accuracy(session, source, config) for name, session in sessions.items()}

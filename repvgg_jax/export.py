@@ -96,8 +96,9 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
 
   ``int8`` (``quantize.int8_layers``: per layer an input scale, int8 weights and per-output-channel weight
   scales) makes the graph INT8 in QDQ form: each quantized layer's input passes QuantizeLinear/DequantizeLinear
-  with its static scale and its weight is an int8 tensor behind a per-channel DequantizeLinear, which
-  onnxruntime fuses into integer convolutions and matmuls; biases and SE stay float.
+  with its static scale and zero point, its weight is an int8 tensor and its bias an int32 one behind per-channel
+  DequantizeLinear ops, which onnxruntime fuses into integer convolutions (the ReLU before a zero point of -128
+  folds away); SE stays float.
   """
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
@@ -113,26 +114,37 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
     nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
     return name
 
+  def quantized(layer):
+    return int8 is not None and layer in int8
+
   def quantized_input(x, layer, name):
-    scale, zero = constant(f"{name}.input_scale", int8[layer]["input_scale"]), constant(f"{name}.zero", 0, np.int8)
+    scale = constant(f"{name}.input_scale", int8[layer]["input_scale"])
+    zero = constant(f"{name}.input_zero_point", int8[layer]["input_zero_point"], np.int8)
     return node("DequantizeLinear", [node("QuantizeLinear", [x, scale, zero], f"{name}.input_q"), scale, zero],
                 f"{name}.input_dq")
 
-  def weight(name, kernel, layer, axis, layout):
-    if int8 is None or layer not in int8:
-      return constant(f"{name}.weight", layout(np.asarray(kernel)))
+  def weight_and_bias(name, kernel, bias, layer, axis, layout):
+    if not quantized(layer):
+      return constant(f"{name}.weight", layout(np.asarray(kernel))), constant(f"{name}.bias", bias)
     q, scale = layout(int8[layer]["weight"]), int8[layer]["weight_scale"]
-    return node("DequantizeLinear", [constant(f"{name}.weight_int8", q, np.int8), constant(f"{name}.weight_scale", scale),
-                                     constant(f"{name}.weight_zero", np.zeros(scale.shape), np.int8)],
-                f"{name}.weight", axis=axis)
+    w = node("DequantizeLinear", [constant(f"{name}.weight_int8", q, np.int8), constant(f"{name}.weight_scale", scale),
+                                  constant(f"{name}.weight_zero_point", np.zeros(scale.shape), np.int8)],
+             f"{name}.weight", axis=axis)
+    # int32 at the input scale times the weight scales, as integer kernels add it (<= half a step off).
+    bias_scale = np.float32(int8[layer]["input_scale"]) * scale
+    b = node("DequantizeLinear", [constant(f"{name}.bias_int32", np.round(np.asarray(bias) / bias_scale), np.int32),
+                                  constant(f"{name}.bias_scale", bias_scale),
+                                  constant(f"{name}.bias_zero_point", np.zeros(scale.shape), np.int32)],
+             f"{name}.bias", axis=0)
+    return w, b
 
   def conv(x, kernel_hwio, bias, name, strides=1, groups=1, layer=None):
     k = np.shape(kernel_hwio)[0]
-    if int8 is not None and layer in int8:
+    if quantized(layer):
       x = quantized_input(x, layer, name)
-    w = weight(name, kernel_hwio, layer, 0, lambda a: a.transpose(3, 2, 0, 1))
-    return node("Conv", [x, w, constant(f"{name}.bias", bias)], name,
-                kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides], group=groups)
+    w, b = weight_and_bias(name, kernel_hwio, bias, layer, 0, lambda a: a.transpose(3, 2, 0, 1))
+    return node("Conv", [x, w, b], name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides],
+                group=groups)
 
   x = "images"
   for spec in model.plan():
@@ -149,10 +161,10 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
       x = node("Mul", [x, s], f"{spec.name}.se")
     x = node("Relu", [x], f"{spec.name}.relu")
   x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
-  if int8 is not None and "linear" in int8:
+  if quantized("linear"):
     x = quantized_input(x, "linear", "linear")
-  node("Gemm", [x, weight("linear", params["linear"]["kernel"], "linear", 1, lambda a: a),
-                constant("linear.bias", params["linear"]["bias"])], "logits")
+  node("Gemm", [x, *weight_and_bias("linear", params["linear"]["kernel"], params["linear"]["bias"], "linear", 1,
+                                    lambda a: a)], "logits")
   channels = int(params["stage0"]["rbr_reparam"]["kernel"].shape[2])
   classes = int(params["linear"]["kernel"].shape[-1])
   graph = helper.make_graph(

@@ -6,11 +6,13 @@ INT8 ONNX graph that onnxruntime runs with the same numbers.
 reads ``<workdir>/deploy`` (a finished run, or converted weights saved there), calibrates on training images,
 evaluates float32 / PTQ / QAT on the eval split, and writes ``<workdir>/int8_metrics.json`` and
 ``<workdir>/deploy_int8.onnx`` (only once onnxruntime agrees with the JAX fake-quantized logits).
+``--weight_bits=4`` is the W4A8 stress setting in JAX fake quantization only (``w4a8_metrics.json``, no ONNX).
 
 The scheme (Qwix's numerics, google/qwix ``QtProvider``): every block's fused convolution (``rbr_reparam``) and
 the head (``linear``) take int8 weights, symmetric per output channel (scale = max |w| / 127.5 over the
-channel), and int8 inputs, symmetric per tensor with a static scale (the mean over calibration batches of
-each batch's max |x|, / 127.5); values are rounded half to even. SE layers stay float. Each convolution is one
+channel, values in [-127, 127]), and int8 inputs, asymmetric per tensor with a static range (the mean over
+calibration images of each image's min and max; after a ReLU the min is 0, so 256 steps cover [0, max]);
+values are rounded half to even. SE layers stay float. Each convolution is one
 quantized op: the CPU paths of ``backend`` are off while a quantized model is traced.
 """
 
@@ -46,7 +48,7 @@ def _qtype(bits: int):
 def fake_quantized(deploy_model, weight_bits: int = 8, act_bits: int = 8):
   """The deploy model with Qwix fake quantization (W``weight_bits``A``act_bits``, static activation scales)."""
   rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=_qtype(weight_bits), act_qtype=_qtype(act_bits),
-                     act_static_scale=True, act_calibration_method="absmax")
+                     act_static_scale=True, act_calibration_method="minmax")
   return qwix.quantize_model(deploy_model, qwix.QtProvider([rule]))
 
 
@@ -87,21 +89,29 @@ def int8_layers(params: Mapping, quant_stats: Mapping, weight_bits: int = 8) -> 
   """Per quantized layer ('stage0', ..., 'linear'): the input scale (per tensor) and the integer weights with
   their per-output-channel scales, exactly as the fake-quantized JAX model uses them.
 
-  Returns {layer: {"input_scale": float, "weight": int8 array of the kernel's shape, "weight_scale": (O,)}}.
+  Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
+  "weight_scale": (O,)}}.
   """
   bound, qmax = _symmetric(weight_bits)
   layers = {}
   for name, tree in _quantized_subtrees(params):
     stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
     stat = next(stats[k] for k in STAT if k in stats)
-    input_absmax = float(np.asarray(stat["sum_of_absmax"]).max() / np.asarray(stat["count"]))
+    low, high = (float(np.asarray(stat[f"sum_of_{k}"]).item() / np.asarray(stat["count"])) for k in ("min", "max"))
     kernel = np.asarray(tree["kernel"], np.float64)
     absmax = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
     scale = np.where(absmax > 0, absmax / bound, 1.0)
     q = np.clip(np.round(kernel / scale), -qmax, qmax).astype(np.int8)
-    layers[name] = {"input_scale": input_absmax / _symmetric(8)[0], "weight": q,
-                    "weight_scale": scale.astype(np.float32)}
+    layers[name] = {**_asymmetric(low, high), "weight": q, "weight_scale": scale.astype(np.float32)}
   return layers
+
+
+def _asymmetric(low: float, high: float) -> dict:
+  """Qwix's asymmetric int8 activation grid for a calibrated range [low <= 0, high >= 0]: scale (high - low) /
+  255, zero point round(-128 - low / scale); after a ReLU (low = 0) the zero point is -128 and the grid [0, 255
+  steps], which is also what lets onnxruntime drop the ReLU into its integer convolution."""
+  scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
+  return {"input_scale": float(scale), "input_zero_point": int(np.clip(np.round(-128 - low / scale), -128, 127))}
 
 
 def _quantized_subtrees(params: Mapping):
@@ -135,6 +145,23 @@ def kernel_sqnr(params: Mapping, bits: int = 8) -> dict[str, tuple[float, float]
   return {name: (sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits)),
                  sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits, axis=-1)))
           for name, tree in _quantized_subtrees(params)}
+
+
+def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images) -> dict[str, float]:
+  """Per quantized layer: the SQNR (dB) of its float input activations on ``images`` quantized with the
+  calibrated static scale, the activation side of the mechanism (wide ranges of the fused blocks' outputs)."""
+  layers = int8_layers(params, quant_stats)
+  _, state = deploy_model.apply({"params": params}, images, capture_intermediates=True)
+  outputs = state["intermediates"]
+  inputs, previous = {}, np.asarray(images)
+  for spec in deploy_model.plan():
+    inputs[spec.name] = previous
+    previous = np.asarray(outputs[spec.name]["__call__"][0])
+  inputs["linear"] = previous.mean(axis=(1, 2))
+  def fake_quantized(x, layer):
+    scale, zero = layer["input_scale"], layer["input_zero_point"]
+    return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
+  return {name: sqnr_db(x, fake_quantized(x, layers[name])) for name, x in inputs.items()}
 
 
 def qat(qmodel, params: Mapping, quant_stats: Mapping, batches: Iterable, learning_rate: float,
@@ -241,6 +268,8 @@ def main(argv):
   logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", flags_.weight_bits,
                flags_.calibration_batches, batch, metrics["ptq"])
   metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c} for k, (t, c) in kernel_sqnr(params).items()}
+  held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
+  metrics["activation_sqnr_db"] = activation_sqnr(deploy, params, stats, held_out)
   if flags_.qat_epochs > 0:
     steps = int(flags_.qat_epochs * source.num_examples(config.train_split) // batch)
     params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
@@ -250,7 +279,6 @@ def main(argv):
     logging.info("QAT (%s epochs): eval accuracy %.4f", flags_.qat_epochs, metrics["qat"])
   if flags_.weight_bits == 8:
     proto = export.to_onnx(deploy, jax.device_get(params), int8=int8_layers(params, stats))
-    held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
     try:
       metrics["onnx_vs_jax"] = check_int8_onnx(proto, qmodel, params, stats, held_out)
     except equivalence.EquivalenceError as e:
@@ -262,8 +290,9 @@ def main(argv):
         lambda x: session.run(["logits"], {"images": np.asarray(x, np.float32).transpose(0, 3, 1, 2)})[0])
     logging.info("Wrote %s: onnxruntime INT8 eval accuracy %.4f; vs JAX %s", path, metrics["onnx_int8"],
                  metrics["onnx_vs_jax"])
-  write_metrics(os.path.join(workdir, "int8_metrics.json"), metrics)
-  logging.info("Wrote %s", os.path.join(workdir, "int8_metrics.json"))
+  path = os.path.join(workdir, "int8_metrics.json" if flags_.weight_bits == 8 else "w4a8_metrics.json")
+  write_metrics(path, metrics)
+  logging.info("Wrote %s", path)
 
 
 def _define_flags():

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src.interpreters import mlir  # The lowering registry has no public read access.
 
+from repvgg_jax import backend
+
 PLATFORM = "cpu"
 PRIMITIVES = (lax.dot_general_p, lax.conv_general_dilated_p)
 BF16_EXPONENT_BITS, BF16_MANTISSA_BITS = 8, 7
@@ -78,10 +80,13 @@ def uninstall() -> None:
 
 @contextlib.contextmanager
 def emulated_accelerator_precision():
-  """Within the block, CPU convolutions and dots round float32 operands to bf16 unless run at HIGHEST."""
+  """Within the block, CPU convolutions and dots round float32 operands to bf16 unless run at HIGHEST; models
+  take the plain convolutions an accelerator runs (backend.plain_convolutions), not the CPU's multiply-add
+  paths, which would escape the emulation."""
   install()
   try:
-    yield
+    with backend.plain_convolutions():
+      yield
   finally:
     uninstall()
 

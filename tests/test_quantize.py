@@ -56,11 +56,13 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   stats = quantize.calibrate(qmodel, params, [x, 2 * x])
   layer = quantize.int8_layers(params, stats)["stage0"]
   assert layer["weight"].dtype == np.int8 and np.abs(layer["weight"]).max() == 127
-  # Static scale: the mean over the two batches of the per-example max |x| (Qwix averages over the batch axis).
-  per_example = np.abs(np.asarray(x)).reshape(4, -1).max(1).mean()
-  assert layer["input_scale"] == pytest.approx(1.5 * per_example / 127.5, rel=1e-6)
-  s = layer["input_scale"]
-  xq = np.clip(np.round(np.asarray(x) / s), -127, 127) * s
+  # Static range: the mean over the two batches of the per-example min and max (Qwix averages over the batch
+  # axis), 255 steps, zero point -128 - min / scale.
+  flat = np.asarray(x).reshape(4, -1)
+  low, high = 1.5 * flat.min(1).mean(), 1.5 * flat.max(1).mean()
+  s, zero = layer["input_scale"], layer["input_zero_point"]
+  assert s == pytest.approx((high - low) / 255, rel=1e-6) and zero == round(-128 - low / s)
+  xq = (np.clip(np.round(np.asarray(x) / s) + zero, -128, 127) - zero) * s
   w = layer["weight"] * layer["weight_scale"]
   expected = lax.conv_general_dilated(jnp.asarray(xq, jnp.float32), jnp.asarray(w, jnp.float32), (1, 1),
                                       [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
