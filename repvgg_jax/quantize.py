@@ -41,15 +41,32 @@ def _symmetric(bits: int) -> tuple[float, int]:
   return qmax + 0.5, qmax
 
 
-def _qtype(bits: int):
-  return {8: jnp.int8, 4: jnp.int4}[bits]
-
-
-def fake_quantized(deploy_model, weight_bits: int = 8, act_bits: int = 8):
-  """The deploy model with Qwix fake quantization (W``weight_bits``A``act_bits``, static activation scales)."""
-  rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=_qtype(weight_bits), act_qtype=_qtype(act_bits),
+def fake_quantized(deploy_model):
+  """The deploy model with Qwix W8A8 fake quantization (static activation ranges)."""
+  rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=jnp.int8, act_qtype=jnp.int8,
                      act_static_scale=True, act_calibration_method="minmax")
   return qwix.quantize_model(deploy_model, qwix.QtProvider([rule]))
+
+
+def quantize_weights(params: Mapping, bits: int) -> dict:
+  """The W4A8 stress setting: every quantized layer's kernel fake-quantized to ``bits`` per output channel
+  (Qwix's symmetric grid; straight-through gradients), to be fed to the W8A8 model of ``fake_quantized``.
+  Qwix 0.1.8's convolution refuses int8 activations with int4 weights, so the 4-bit grid is applied here;
+  the W8A8 model then re-rounds it by at most half an int8 step (1/36 of a 4-bit step). ``bits >= 8``: as is."""
+  if bits >= 8:
+    return dict(params)
+  bound, qmax = _symmetric(bits)
+
+  def quantized(kernel):
+    absmax = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / bound, 1.0)
+    return kernel + jax.lax.stop_gradient(jnp.clip(jnp.round(kernel / scale), -qmax, qmax) * scale - kernel)
+
+  out = dict(params)
+  for name, tree in _quantized_subtrees(params):
+    layer = {**tree, "kernel": quantized(tree["kernel"])}
+    out[name] = layer if name == "linear" else {**params[name], "rbr_reparam": layer}
+  return out
 
 
 def _apply(qmodel, params, quant_stats, images, update: bool):
@@ -85,14 +102,14 @@ def _jit_apply(qmodel):
   return jax.jit(functools.partial(_apply, qmodel, update=False))
 
 
-def int8_layers(params: Mapping, quant_stats: Mapping, weight_bits: int = 8) -> dict[str, dict]:
+def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
   """Per quantized layer ('stage0', ..., 'linear'): the input scale (per tensor) and the integer weights with
   their per-output-channel scales, exactly as the fake-quantized JAX model uses them.
 
   Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
   "weight_scale": (O,)}}.
   """
-  bound, qmax = _symmetric(weight_bits)
+  bound, qmax = _symmetric(8)
   layers = {}
   for name, tree in _quantized_subtrees(params):
     stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
@@ -158,24 +175,26 @@ def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images)
     inputs[spec.name] = previous
     previous = np.asarray(outputs[spec.name]["__call__"][0])
   inputs["linear"] = previous.mean(axis=(1, 2))
-  def fake_quantized(x, layer):
+  def on_the_grid(x, layer):
     scale, zero = layer["input_scale"], layer["input_zero_point"]
     return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
-  return {name: sqnr_db(x, fake_quantized(x, layers[name])) for name, x in inputs.items()}
+  return {name: sqnr_db(x, on_the_grid(x, layers[name])) for name, x in inputs.items()}
 
 
 def qat(qmodel, params: Mapping, quant_stats: Mapping, batches: Iterable, learning_rate: float,
-        num_steps: int, label_smoothing: float = 0.0, log_every: int = 100, log=print) -> tuple[dict, dict]:
+        num_steps: int, label_smoothing: float = 0.0, log_every: int = 100, log=print,
+        weight_bits: int = 8) -> tuple[dict, dict]:
   """Quantization-aware fine-tuning of the deploy params through the fake quantization (straight-through
-  gradients), SGD with momentum 0.9 and a cosine schedule to 0; the activation statistics keep being
-  averaged. ``batches`` yield {"image", "label"}. Returns (params, quant_stats)."""
+  gradients; ``weight_bits`` < 8 through ``quantize_weights`` too), SGD with momentum 0.9 and a cosine schedule
+  to 0; the activation statistics keep being averaged. ``batches`` yield {"image", "label"}. Returns (params,
+  quant_stats), the params before ``quantize_weights``."""
   optimizer = optax.sgd(optax.cosine_decay_schedule(learning_rate, max(num_steps, 1)), momentum=0.9)
   opt_state = optimizer.init(params)
 
   @jax.jit
   def step(params, opt_state, stats, images, labels):
     def loss_fn(p):
-      y, updates = _apply(qmodel, p, stats, images, update=True)
+      y, updates = _apply(qmodel, quantize_weights(p, weight_bits), stats, images, update=True)
       targets = optax.smooth_labels(jax.nn.one_hot(labels, y.shape[-1]), label_smoothing)
       return optax.softmax_cross_entropy(y, targets).mean(), updates["quant_stats"]
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -253,19 +272,20 @@ def main(argv):
   params = jax.tree.map(jnp.asarray, checkpoints.load_tree(deploy_dir))
   export.check_deploy_params(deploy, params)
   batch = min(config.batch_size, 256)
-  qmodel = fake_quantized(deploy, flags_.weight_bits, 8)
+  qmodel, bits = fake_quantized(deploy), flags_.weight_bits
 
   def eval_accuracy(predict):
     return accuracy(predict, input_pipeline.eval_batches(source, config, batch))
 
-  metrics = {"weight_bits": flags_.weight_bits, "act_bits": 8}
+  metrics = {"weight_bits": bits, "act_bits": 8}
   forward = jax.jit(lambda x: deploy.apply({"params": params}, x))
   metrics["float32"] = eval_accuracy(forward)
   logging.info("float32 deploy model: eval accuracy %.4f", metrics["float32"])
   train = input_pipeline.train_dataset(source, config, batch, seed=config.seed).as_numpy_iterator()
-  stats = calibrate(qmodel, params, (next(train)["image"] for _ in range(flags_.calibration_batches)))
-  metrics["ptq"] = eval_accuracy(lambda x: logits(qmodel, params, stats, x))
-  logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", flags_.weight_bits,
+  stats = calibrate(qmodel, quantize_weights(params, bits),
+                    (next(train)["image"] for _ in range(flags_.calibration_batches)))
+  metrics["ptq"] = eval_accuracy(lambda x: logits(qmodel, quantize_weights(params, bits), stats, x))
+  logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", bits,
                flags_.calibration_batches, batch, metrics["ptq"])
   metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c} for k, (t, c) in kernel_sqnr(params).items()}
   held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
@@ -273,11 +293,11 @@ def main(argv):
   if flags_.qat_epochs > 0:
     steps = int(flags_.qat_epochs * source.num_examples(config.train_split) // batch)
     params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
-                        log=logging.info)
-    metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, params, stats, x))
+                        log=logging.info, weight_bits=bits)
+    metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, quantize_weights(params, bits), stats, x))
     metrics["qat_epochs"] = flags_.qat_epochs
     logging.info("QAT (%s epochs): eval accuracy %.4f", flags_.qat_epochs, metrics["qat"])
-  if flags_.weight_bits == 8:
+  if bits == 8:
     proto = export.to_onnx(deploy, jax.device_get(params), int8=int8_layers(params, stats))
     try:
       metrics["onnx_vs_jax"] = check_int8_onnx(proto, qmodel, params, stats, held_out)
@@ -290,7 +310,7 @@ def main(argv):
         lambda x: session.run(["logits"], {"images": np.asarray(x, np.float32).transpose(0, 3, 1, 2)})[0])
     logging.info("Wrote %s: onnxruntime INT8 eval accuracy %.4f; vs JAX %s", path, metrics["onnx_int8"],
                  metrics["onnx_vs_jax"])
-  path = os.path.join(workdir, "int8_metrics.json" if flags_.weight_bits == 8 else "w4a8_metrics.json")
+  path = os.path.join(workdir, "int8_metrics.json" if bits == 8 else "w4a8_metrics.json")
   write_metrics(path, metrics)
   logging.info("Wrote %s", path)
 

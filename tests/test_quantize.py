@@ -79,6 +79,22 @@ def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel(
   assert per_channel > 40 > per_tensor + 20
 
 
+def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradients():
+  params = {"stage0": {"rbr_reparam": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 4, 6)),
+                                       "bias": jnp.ones(6)}},
+            "linear": {"kernel": jax.random.normal(jax.random.key(1), (6, 10)), "bias": jnp.zeros(10)}}
+  w4 = quantize.quantize_weights(params, 4)
+  for kernel, original in ((w4["stage0"]["rbr_reparam"]["kernel"], params["stage0"]["rbr_reparam"]["kernel"]),
+                           (w4["linear"]["kernel"], params["linear"]["kernel"])):
+    for c in range(kernel.shape[-1]):
+      steps = np.asarray(kernel[..., c]) / (np.abs(np.asarray(original[..., c])).max() / 7.5)
+      np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)  # Integers ...
+      assert np.abs(np.round(steps)).max() <= 7  # ... in [-7, 7].
+  assert w4["stage0"]["rbr_reparam"]["bias"] is params["stage0"]["rbr_reparam"]["bias"]
+  grad = jax.grad(lambda p: quantize.quantize_weights(p, 4)["linear"]["kernel"].sum())(params)
+  np.testing.assert_array_equal(grad["linear"]["kernel"], np.ones((6, 10)))
+
+
 @pytest.mark.slow
 def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp_path, fmnist_dir):
   """Tiny run on the fake Fashion-MNIST, then PTQ and one QAT epoch: metrics and the INT8 ONNX are written,
