@@ -18,7 +18,8 @@ from repvgg_jax import variants
 from repvgg_jax.models import create_model
 
 # Flax name piece -> official name piece, per family (RepVGG's Flax names are the official ones).
-_OFFICIAL_RENAMES = {"repvgg": {}, "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"}}
+_OFFICIAL_RENAMES = {"repvgg": {}, "qarepvgg": {},  # QARepVGG: cxxgtxy/QARepVGG's names, RepVGG's plus rbr_1x1.weight, bn.
+                     "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"}}
 # Official name piece -> timm name piece; applied to whole dot-separated components.
 _TIMM_RENAMES = {
     "repvgg": {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
@@ -32,12 +33,16 @@ _IGNORED_SUFFIX = ".num_batches_tracked"
 
 
 def family(name: str) -> str:
-  """"mobileone" or "repvgg", from an official model name."""
+  """"mobileone", "qarepvgg" or "repvgg", from an official model name."""
   variant = variants.get_variant(name)
   if getattr(variant, "quantization_friendly", False):
-    raise ValueError(f"{name}: PyTorch weights of QARepVGG (cxxgtxy/QARepVGG) are not supported yet; train it "
-                     "here or convert RepVGG weights.")
+    return "qarepvgg"
   return "mobileone" if isinstance(variant, variants.MobileOneVariant) else "repvgg"
+
+
+def _is_identity_gain(names: tuple[str, ...]) -> bool:
+  """QARepVGG's identity gain (batch_stats .../rbr_identity, ones): ours alone, no PyTorch counterpart."""
+  return names[0] == "batch_stats" and names[-1] == "rbr_identity"
 
 
 def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
@@ -117,6 +122,8 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   """
   kind = family(name)
   weights = {}
+  if kind == "qarepvgg" and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
+    raise ValueError(f"{name}: timm has no QARepVGG; give cxxgtxy/QARepVGG's (official) naming.")
   for key, value in state_dict.items():
     key = key[len("module."):] if key.startswith("module.") else key
     if not key.endswith(_IGNORED_SUFFIX):
@@ -140,6 +147,8 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
   def convert(path, leaf):
     names = tuple(p.key for p in path)
+    if _is_identity_gain(names):
+      return jnp.ones(leaf.shape, leaf.dtype)
     key = to_key(names[1:])
     expected[key] = True
     if key not in weights:
@@ -167,9 +176,12 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
 
 def _family_of(variables: Mapping) -> str:
-  """MobileOne trees have its branch names, or (deploy) 1x1 fused kernels, which RepVGG never has."""
+  """MobileOne trees have its branch names, or (deploy) 1x1 fused kernels, which RepVGG never has; QARepVGG's
+  training-time blocks a BN of their own (``stageN_i/bn``)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = [p.key for p in path]
+    if len(names) == 4 and names[0] == "params" and names[2] == "bn":
+      return "qarepvgg"
     if any(re.fullmatch(r"rbr_conv_\d+|rbr_scale|rbr_skip", n) for n in names):
       return "mobileone"
     if names[-2:] == ["rbr_reparam", "kernel"] and np.shape(leaf)[0] == 1:
@@ -189,9 +201,13 @@ def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> di
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
   kind = _family_of(variables)
+  if kind == "qarepvgg" and naming == "timm":
+    raise ValueError("timm has no QARepVGG: use naming='official' (cxxgtxy/QARepVGG's).")
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = tuple(p.key for p in path)
+    if _is_identity_gain(names):
+      continue
     key = official_key(names[1:], kind)
     array = np.asarray(_flax_to_torch(np.asarray(leaf), key))
     if names[0] == "batch_stats" and names[-1] == "mean":

@@ -101,6 +101,28 @@ def test_qarepvgg_has_no_se_and_a_partial_tree_is_refused():
     rv.reparam(v["params"], stats)
 
 
-def test_pytorch_weights_are_refused_with_a_clear_error_until_supported():
-  with pytest.raises(ValueError, match="QARepVGG-A0: PyTorch weights of QARepVGG"):
-    rv.load_pytorch_state_dict({}, "QARepVGG-A0")
+def test_official_state_dict_layout_round_trips_strictly_in_both_forms():
+  """cxxgtxy/QARepVGG's keys: stageN.i.rbr_dense.conv/bn, rbr_1x1.weight (no BN), bn; deploy rbr_reparam."""
+  pytest.importorskip("torch")
+  small = dict(num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.5))
+  model = rv.create_model("QARepVGG-A0", **small)
+  v = random_variables(model, (1, 32, 32, 3))
+  state_dict = rv.to_pytorch_state_dict(v)
+  assert {"stage1.1.rbr_dense.conv.weight", "stage1.1.rbr_dense.bn.running_var", "stage1.1.rbr_1x1.weight",
+          "stage1.1.bn.weight", "stage1.1.bn.running_mean", "stage1.1.bn.num_batches_tracked",
+          "linear.weight"} <= set(state_dict)
+  assert not any("identity" in k for k in state_dict) and "stage1.1.rbr_1x1.bn.weight" not in state_dict
+  assert tuple(state_dict["stage1.1.rbr_1x1.weight"].shape) == (16, 16, 1, 1)  # OIHW.
+  back = rv.load_pytorch_state_dict(state_dict, "QARepVGG-A0", **small)
+  jax.tree.map(np.testing.assert_array_equal, back, v)  # The identity gains come back as ones.
+  misspelt = dict(state_dict)
+  misspelt["stage1.1.rbr_1x1.wieght"] = misspelt.pop("stage1.1.rbr_1x1.weight")
+  with pytest.raises(ValueError, match=r"missing keys: stage1\.1\.rbr_1x1\.weight.*unexpected keys"):
+    rv.load_pytorch_state_dict(misspelt, "QARepVGG-A0", **small)
+  plain = rv.reparam(v["params"], v["batch_stats"])
+  deploy_sd = rv.to_pytorch_state_dict({"params": plain})
+  assert "stage1.1.rbr_reparam.weight" in deploy_sd
+  jax.tree.map(np.testing.assert_array_equal,
+               rv.load_pytorch_state_dict(deploy_sd, "QARepVGG-A0", deploy=True, **small), {"params": plain})
+  with pytest.raises(ValueError, match="timm has no QARepVGG"):
+    rv.to_pytorch_state_dict(v, naming="timm")
