@@ -19,6 +19,7 @@ quantized op: the CPU paths of ``backend`` are off while a quantized model is tr
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Iterable, Mapping
 
@@ -205,6 +206,9 @@ def qat(qmodel, params: Mapping, quant_stats: Mapping, batches: Iterable, learni
   for i, batch in zip(range(num_steps), batches):
     params, opt_state, quant_stats, loss = step(params, opt_state, quant_stats, batch["image"], batch["label"])
     if (i + 1) % log_every == 0 or i + 1 == num_steps:
+      if not np.isfinite(float(loss)):
+        raise FloatingPointError(f"QAT diverged: the loss is {float(loss)} by step {i + 1}; try a lower "
+                                 "--qat_learning_rate.")
       log(f"QAT step {i + 1}/{num_steps}: loss {float(loss):.4f}, {(i + 1) / (time.time() - start):.1f} steps/s")
   return params, quant_stats
 
@@ -265,8 +269,8 @@ def main(argv):
     raise app.UsageError("--weight_bits must be 8 or 4, --qat_epochs >= 0 and --calibration_batches >= 1.")
   deploy_dir = os.path.join(workdir, "deploy")
   if not os.path.isdir(deploy_dir):
-    raise app.UsageError(f"{deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
-                         "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
+    sys.exit(f"error: {deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
+             "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   deploy = training.model_from_config(config, source.num_classes, deploy=True, half_precision=False)
   params = jax.tree.map(jnp.asarray, checkpoints.load_tree(deploy_dir))
@@ -292,8 +296,11 @@ def main(argv):
   metrics["activation_sqnr_db"] = activation_sqnr(deploy, params, stats, held_out)
   if flags_.qat_epochs > 0:
     steps = int(flags_.qat_epochs * source.num_examples(config.train_split) // batch)
-    params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
-                        log=logging.info, weight_bits=bits)
+    try:
+      params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
+                          log=logging.info, weight_bits=bits)
+    except FloatingPointError as e:  # PTQ's results stand; the QAT ones are not written.
+      sys.exit(f"error: {e} (PTQ: eval accuracy {metrics['ptq']:.4f}; nothing written)")
     metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, quantize_weights(params, bits), stats, x))
     metrics["qat_epochs"] = flags_.qat_epochs
     logging.info("QAT (%s epochs): eval accuracy %.4f", flags_.qat_epochs, metrics["qat"])
@@ -302,7 +309,7 @@ def main(argv):
     try:
       metrics["onnx_vs_jax"] = check_int8_onnx(proto, qmodel, params, stats, held_out)
     except equivalence.EquivalenceError as e:
-      raise app.UsageError(f"deploy_int8.onnx not written: {e}") from e
+      sys.exit(f"error: deploy_int8.onnx not written: {e}")
     path = os.path.join(workdir, "deploy_int8.onnx")
     export.save_onnx(proto, path)
     session = export.onnx_session(path)
