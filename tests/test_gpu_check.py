@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_training import ROOT
 
 
+@pytest.mark.slow  # Runs a test subset and the bench, both checked on their own in the default run.
 def test_gpu_check_script_runs_and_prints_its_summary_last():
   result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)

@@ -15,10 +15,11 @@ import pytest
 from jax import lax
 
 import repvgg_jax as rv
-from repvgg_jax import models, quantize
+from repvgg_jax import models
 from tests.helpers import random_variables
 
-pytest.importorskip("qwix")
+pytest.importorskip("qwix")  # The quant extra.
+from repvgg_jax import quantize  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 2, 2, 1))
 
@@ -95,7 +96,6 @@ def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradie
   np.testing.assert_array_equal(grad["linear"]["kernel"], np.ones((6, 10)))
 
 
-@pytest.mark.slow
 def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp_path, fmnist_dir):
   """Tiny run on the fake Fashion-MNIST, then PTQ and one QAT epoch: metrics and the INT8 ONNX are written,
   and onnxruntime's INT8 graph gives the JAX fake-quantized model's predictions."""

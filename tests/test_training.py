@@ -462,7 +462,6 @@ def _resume_and_compare(command, workdir, uninterrupted):
   return int(resumed[0].rsplit(" ", 1)[-1])
 
 
-@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_resumed_run_ends_bit_identical(fmnist_dir, tmp_path,
                                                                                uninterrupted_run):
   workdir = str(tmp_path / "run")
