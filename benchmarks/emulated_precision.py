@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=wrong-import-position
 import repvgg_jax as rv  # pylint: disable=wrong-import-position
 from repvgg_jax import equivalence  # pylint: disable=wrong-import-position
-from tests.helpers import MOBILEONE_SCALES, float64_logits, random_variables  # pylint: disable=wrong-import-position
+from tests.helpers import MOBILEONE_SCALES, random_variables  # pylint: disable=wrong-import-position
+from tests.wellposed import float64_apply  # pylint: disable=wrong-import-position
 from tests.precision_emulation import emulated_accelerator_precision  # pylint: disable=wrong-import-position
 
 
@@ -37,7 +38,7 @@ def main():
       default = equivalence.max_relative_error(yd, yt)
       highest = equivalence.check_equivalence(model, v, deploy, plain, x)
     with jax.default_matmul_precision("highest"):
-      vs64 = equivalence.max_relative_error(deploy.apply({"params": plain}, x), float64_logits(name, v, x))
+      vs64 = equivalence.max_relative_error(deploy.apply({"params": plain}, x), float64_apply(name, 10)(v, x))
     print(f"| {name} | {default:.2e} | {highest:.2e} | {exact:.2e} | {vs64:.2e} |", flush=True)
 
 

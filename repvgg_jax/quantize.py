@@ -42,6 +42,16 @@ def _symmetric(bits: int) -> tuple[float, int]:
   return qmax + 0.5, qmax
 
 
+def _symmetric_grid(x, bits: int, axis=None, xp=np):
+  """(integers, scale) of ``x`` on Qwix's symmetric grid, per tensor or per slice along ``axis`` kept;
+  ``xp`` is numpy or jax.numpy (inside a traced function)."""
+  bound, qmax = _symmetric(bits)
+  reduce = None if axis is None else tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+  absmax = xp.max(xp.abs(x), axis=reduce, keepdims=True)
+  scale = xp.where(absmax > 0, absmax / bound, 1.0)
+  return xp.clip(xp.round(x / scale), -qmax, qmax), scale
+
+
 def fake_quantized(deploy_model):
   """The deploy model with Qwix W8A8 fake quantization (static activation ranges)."""
   rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=jnp.int8, act_qtype=jnp.int8,
@@ -56,12 +66,10 @@ def quantize_weights(params: Mapping, bits: int) -> dict:
   the W8A8 model then re-rounds it by at most half an int8 step (1/36 of a 4-bit step). ``bits >= 8``: as is."""
   if bits >= 8:
     return dict(params)
-  bound, qmax = _symmetric(bits)
 
   def quantized(kernel):
-    absmax = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / bound, 1.0)
-    return kernel + jax.lax.stop_gradient(jnp.clip(jnp.round(kernel / scale), -qmax, qmax) * scale - kernel)
+    integers, scale = _symmetric_grid(kernel, bits, axis=-1, xp=jnp)
+    return kernel + jax.lax.stop_gradient(integers * scale - kernel)
 
   out = dict(params)
   for name, tree in _quantized_subtrees(params):
@@ -79,7 +87,7 @@ def _apply(qmodel, params, quant_stats, images, update: bool):
 
 def calibrate(qmodel, params: Mapping, batches: Iterable) -> dict:
   """The static activation statistics of ``qmodel`` (from ``fake_quantized``) over the image batches
-  (N, H, W, C): Qwix's running mean of each batch's max |x| per quantized layer."""
+  (N, H, W, C): per quantized layer, Qwix's running means of each image's min and max."""
   params = jax.tree.map(jnp.asarray, params)  # Qwix finds a kernel among the params by identity: no numpy copies.
   batches = iter(batches)
   first = next(batches)
@@ -110,17 +118,14 @@ def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
   Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
   "weight_scale": (O,)}}.
   """
-  bound, qmax = _symmetric(8)
   layers = {}
   for name, tree in _quantized_subtrees(params):
     stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
     stat = next(stats[k] for k in STAT if k in stats)
     low, high = (float(np.asarray(stat[f"sum_of_{k}"]).item() / np.asarray(stat["count"])) for k in ("min", "max"))
-    kernel = np.asarray(tree["kernel"], np.float64)
-    absmax = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
-    scale = np.where(absmax > 0, absmax / bound, 1.0)
-    q = np.clip(np.round(kernel / scale), -qmax, qmax).astype(np.int8)
-    layers[name] = {**_asymmetric(low, high), "weight": q, "weight_scale": scale.astype(np.float32)}
+    integers, scale = _symmetric_grid(np.asarray(tree["kernel"], np.float64), 8, axis=-1)
+    layers[name] = {**_asymmetric(low, high), "weight": integers.astype(np.int8),
+                    "weight_scale": scale.reshape(-1).astype(np.float32)}
   return layers
 
 
@@ -149,12 +154,8 @@ def sqnr_db(x, x_quantized) -> float:
 
 def quantize_symmetric(x, bits: int = 8, axis=None):
   """Symmetric fake quantization of ``x`` (per tensor, or per slice along ``axis`` kept): Qwix's numerics."""
-  x = np.asarray(x, np.float64)
-  bound, qmax = _symmetric(bits)
-  reduce = None if axis is None else tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-  absmax = np.abs(x).max(axis=reduce, keepdims=True)
-  scale = np.where(absmax > 0, absmax / bound, 1.0)
-  return np.clip(np.round(x / scale), -qmax, qmax) * scale
+  integers, scale = _symmetric_grid(np.asarray(x, np.float64), bits, axis)
+  return integers * scale
 
 
 def kernel_sqnr(params: Mapping, bits: int = 8) -> dict[str, tuple[float, float]]:
@@ -286,9 +287,9 @@ def main(argv):
   metrics["float32"] = eval_accuracy(forward)
   logging.info("float32 deploy model: eval accuracy %.4f", metrics["float32"])
   train = input_pipeline.train_dataset(source, config, batch, seed=config.seed).as_numpy_iterator()
-  stats = calibrate(qmodel, quantize_weights(params, bits),
-                    (next(train)["image"] for _ in range(flags_.calibration_batches)))
-  metrics["ptq"] = eval_accuracy(lambda x: logits(qmodel, quantize_weights(params, bits), stats, x))
+  ptq_params = quantize_weights(params, bits)  # Once, not per batch.
+  stats = calibrate(qmodel, ptq_params, (next(train)["image"] for _ in range(flags_.calibration_batches)))
+  metrics["ptq"] = eval_accuracy(lambda x: logits(qmodel, ptq_params, stats, x))
   logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", bits,
                flags_.calibration_batches, batch, metrics["ptq"])
   metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c} for k, (t, c) in kernel_sqnr(params).items()}
@@ -301,7 +302,8 @@ def main(argv):
                           log=logging.info, weight_bits=bits)
     except FloatingPointError as e:  # PTQ's results stand; the QAT ones are not written.
       sys.exit(f"error: {e} (PTQ: eval accuracy {metrics['ptq']:.4f}; nothing written)")
-    metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, quantize_weights(params, bits), stats, x))
+    qat_params = quantize_weights(params, bits)
+    metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, qat_params, stats, x))
     metrics["qat_epochs"] = flags_.qat_epochs
     logging.info("QAT (%s epochs): eval accuracy %.4f", flags_.qat_epochs, metrics["qat"])
   if bits == 8:

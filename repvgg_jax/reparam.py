@@ -29,7 +29,7 @@ IDENTITY_BRANCHES = ("rbr_identity", "rbr_skip")  # BN alone.
 
 
 def _is_block_key(key: str) -> bool:
-  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se", "bn")
+  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se",)
 
 
 def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):

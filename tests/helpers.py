@@ -47,16 +47,6 @@ def random_variables(model, input_shape, seed: int = 0, dtype=np.float32, scale_
   return random_like(shapes, seed, dtype, scale_range)
 
 
-def float64_logits(name: str, variables, images, **overrides):
-  """The training form of variant ``name`` in eval mode, computed in float64: an independent reference."""
-  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
-  with jax.enable_x64(True):
-    model = rv.create_model(name, num_classes=variables["params"]["linear"]["bias"].shape[0], dtype=jnp.float64,
-                            **overrides)
-    return jax.jit(model.apply)(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
-                                jnp.asarray(images, jnp.float64))
-
-
 def numpy_conv(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):
   """Reference grouped 2-D convolution in numpy: x (N, H, W, Cin), kernel (kh, kw, Cin/groups, Cout), NHWC out."""
   x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)

@@ -137,28 +137,12 @@ def test_timm_weights_give_timms_logits_in_both_forms(index):
   """On well-posed float64 networks (tests/wellposed.py); swapped kernel axes, a zeroed stem or a wrong BN
   epsilon on our side fail the same comparison."""
   torch, timm = pytest.importorskip("torch"), pytest.importorskip("timm")
-  from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   name = f"MobileOne-S{index}"
   model = wellposed.well_posed_torch(timm.create_model(f"mobileone_s{index}", pretrained=False, num_classes=10),
                                      (3, 32, 32))
-  x = wellposed.images((4, 32, 32, 3), seed=1)
-  expected = wellposed.torch_logits(model, x)
   variables = rv.load_pytorch_state_dict(model.state_dict(), name)
-  ours = wellposed.float64_apply(name, 10)
-  wellposed.assert_equal_functions(ours(variables, x), expected)
-  for mutated in wellposed.mutations(variables["params"]).values():
-    wellposed.assert_caught(ours({**variables, "params": mutated}, x), expected)
-  wellposed.assert_caught(wellposed.float64_apply(name, 10, bn_epsilon=wellposed.WRONG_EPSILON)(variables, x),
-                          expected)
-  deploy = wellposed.float64_apply(name, 10, deploy=True)
-  with jax.enable_x64(True):
-    plain = rv.reparam(*(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables[k])
-                         for k in ("params", "batch_stats")))
-  wellposed.assert_equal_functions(deploy({"params": plain}, x), wellposed.torch_logits(reparameterize_model(model), x))
-  fused = reparameterize_model(model).float().double()  # Loaded as float32: the reference uses those values.
-  wellposed.assert_equal_functions(deploy(rv.load_pytorch_state_dict(fused.state_dict(), name, deploy=True), x),
-                                   wellposed.torch_logits(fused, x))
+  wellposed.assert_matches_torch_in_both_forms(model, name, variables, wellposed.images((4, 32, 32, 3), seed=1), 10)
 
 
 def test_apple_naming_round_trips_strictly_and_timm_loads_ours():

@@ -81,29 +81,13 @@ def test_timm_and_official_weights_give_timms_logits_in_both_forms(timm_name, na
   torch.manual_seed(0)
   model = wellposed.well_posed_torch(_timm_repvgg(timm_name, overrides.get("width_multiplier")), (3, 32, 32))
   x = wellposed.images((4, 32, 32, 3), seed=1)
-  expected = wellposed.torch_logits(model, x)
-  ours = wellposed.float64_apply(name, NUM_CLASSES, **overrides)
   state_dict = model.state_dict()
-  wellposed.assert_equal_functions(ours(load_pytorch_state_dict(state_dict, name, **overrides), x), expected)
+  ours = wellposed.float64_apply(name, NUM_CLASSES, **overrides)
+  wellposed.assert_equal_functions(ours(load_pytorch_state_dict(state_dict, name, **overrides), x),
+                                   wellposed.torch_logits(model, x))
   official = {"module." + timm_to_official(k): v for k, v in state_dict.items()}  # As saved under DDP.
   variables = load_pytorch_state_dict(official, name, num_classes=NUM_CLASSES, deploy=False, **overrides)
-  wellposed.assert_equal_functions(ours(variables, x), expected)
-  for mutated in wellposed.mutations(variables["params"]).values():
-    wellposed.assert_caught(ours({**variables, "params": mutated}, x), expected)
-  wrong_eps = wellposed.float64_apply(name, NUM_CLASSES, bn_epsilon=wellposed.WRONG_EPSILON, **overrides)
-  wellposed.assert_caught(wrong_eps(variables, x), expected)
-
-  # Deploy: timm's own re-parameterization against ours.
-  expected_fused = wellposed.torch_logits(reparameterize_model(model), x)
-  deploy = wellposed.float64_apply(name, NUM_CLASSES, deploy=True, **overrides)
-  fused = reparameterize_model(model).float().double()  # Loaded as float32: the reference uses those values.
-  wellposed.assert_equal_functions(deploy(load_pytorch_state_dict(fused.state_dict(), name, deploy=True,
-                                                                  **overrides), x),
-                                   wellposed.torch_logits(fused, x))
-  with jax.enable_x64(True):
-    plain = rv.reparam(*(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables[k])
-                         for k in ("params", "batch_stats")))
-  wellposed.assert_equal_functions(deploy({"params": plain}, x), expected_fused)
+  wellposed.assert_matches_torch_in_both_forms(model, name, variables, x, NUM_CLASSES, **overrides)
 
 
 def test_flax_variables_load_strictly_into_pytorch():

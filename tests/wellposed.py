@@ -178,3 +178,27 @@ def float64_apply(model_name: str, num_classes: int, deploy: bool = False, **ove
       return np.asarray(apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
                               jnp.asarray(x, jnp.float64)))
   return run
+
+
+def assert_matches_torch_in_both_forms(torch_model, name: str, variables: Mapping, x, num_classes: int,
+                                       **overrides) -> None:
+  """``variables``: this package's load of the well-posed float64 timm ``torch_model``'s weights. Asserts that
+  the training form gives timm's logits on NHWC ``x`` and that the mutations and a wrong BN epsilon fail that
+  comparison; then that the deploy form gives timm's re-parameterized logits, from our ``reparam`` and from
+  loading timm's fused weights."""
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
+  expected = torch_logits(torch_model, x)
+  ours = float64_apply(name, num_classes, **overrides)
+  assert_equal_functions(ours(variables, x), expected)
+  for mutated in mutations(variables["params"]).values():
+    assert_caught(ours({**variables, "params": mutated}, x), expected)
+  assert_caught(float64_apply(name, num_classes, bn_epsilon=WRONG_EPSILON, **overrides)(variables, x), expected)
+  deploy = float64_apply(name, num_classes, deploy=True, **overrides)
+  with jax.enable_x64(True):
+    plain = rv.reparam(*(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables[k])
+                         for k in ("params", "batch_stats")))
+  assert_equal_functions(deploy({"params": plain}, x), torch_logits(reparameterize_model(torch_model), x))
+  fused = reparameterize_model(torch_model).float().double()  # Loaded as float32: the reference uses those values.
+  assert_equal_functions(deploy(rv.load_pytorch_state_dict(fused.state_dict(), name, deploy=True, **overrides), x),
+                         torch_logits(fused, x))
