@@ -6,7 +6,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import default
-from repvgg_jax import checkpoints, equivalence, preemption, training
+from repvgg_jax import cli, preemption, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -21,10 +21,7 @@ def main(argv):
     training.train_and_evaluate(FLAGS.config, FLAGS.workdir, known_fields=default.get_config().keys())
   except preemption.Preempted as e:  # Logged where it happened; the status tells a scheduler it did not finish.
     sys.exit(e.exit_status)
-  except (training.ConfigError, checkpoints.CheckpointError, FileNotFoundError, FloatingPointError,
-          equivalence.EquivalenceError) as e:
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -30,6 +30,8 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_jax as rv
+from repvgg_jax import cli
+from repvgg_jax.variants import get_variant
 from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names.")
@@ -365,6 +367,15 @@ def main(argv):
     raise app.UsageError(f"unknown engine(s) {unknown}; choose from jax, torch, onnxruntime.")
   if FLAGS.torch_compile and "torch" not in FLAGS.engines:
     raise app.UsageError("--torch_compile needs --engines=...,torch.")
+  for name in FLAGS.models:
+    try:
+      get_variant(name)
+    except ValueError as e:
+      raise cli.UserError(f"--models: {e}") from e
+  if not all(b.isdigit() and int(b) > 0 for b in FLAGS.batch_sizes):
+    raise cli.UserError(f"--batch_sizes must be positive integers; got {','.join(FLAGS.batch_sizes)}.")
+  if not set(FLAGS.dtypes) <= {"float32", "bfloat16"}:
+    raise cli.UserError(f"--dtypes: float32 and/or bfloat16; got {','.join(FLAGS.dtypes)}.")
   rows = []
   for name in FLAGS.models:
     for batch in (int(b) for b in FLAGS.batch_sizes):
@@ -380,4 +391,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

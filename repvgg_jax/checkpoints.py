@@ -5,6 +5,9 @@ Each checkpoint holds the training state and a small JSON record of what model i
 of another variant is refused before its state is read.
 """
 
+import contextlib
+import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -19,6 +22,7 @@ from orbax.checkpoint import checkpoint_managers
 STATE, META = "state", "meta"
 DAMAGED = "checkpoints_damaged"  # Beside ``checkpoints``: orbax must not see set-aside steps as its own.
 FREE_SPACE_FACTOR = 2  # A save writes the new checkpoint before the policy deletes an old one.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <path><TMP_SUFFIX>... and renames it to <path> when whole.
 
 
 class CheckpointError(RuntimeError):
@@ -31,7 +35,9 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True)
+  # cleanup_tmp_directories: the partial write of a save a kill -9 interrupted is removed at the next start.
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
                                item_names=(STATE, META))
 
@@ -57,11 +63,39 @@ def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
                           "replaced); free some space or use another --workdir.")
 
 
+def _disk_full(error: Optional[BaseException]) -> bool:
+  """Whether ``error``, or an error it was raised from, says the disk or the quota is full."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(path: str):
+  """A full disk while orbax writes ``path``: its partial write is removed and CheckpointError says so."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # Only a full disk is handled; the rest is re-raised.
+    if not _disk_full(e):
+      raise
+    if jax.process_index() == 0:
+      for partial in glob.glob(glob.escape(path) + TMP_SUFFIX + "*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    raise CheckpointError(f"the disk filled up while writing {path} ({os.strerror(errno.ENOSPC)}); the partial "
+                          "write was removed and the checkpoints before it are intact. Free some space and run "
+                          "the same command again: it resumes from the newest checkpoint.") from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, accuracy: Optional[float]) -> None:
-  """Saves host-local ``state`` (one replica) at ``step``; ``accuracy`` ranks it for the keep-best policy."""
-  manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
-               metrics=None if accuracy is None else {"accuracy": float(accuracy)}, force=True)
-  manager.wait_until_finished()
+  """Saves host-local ``state`` (one replica) at ``step``; ``accuracy`` ranks it for the keep-best policy.
+  A full disk raises CheckpointError, leaving no partial step behind."""
+  with _disk_full_is_an_error(os.path.join(str(manager.directory), str(step))):
+    manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                  META: ocp.args.JsonSave(meta)}),
+                 metrics=None if accuracy is None else {"accuracy": float(accuracy)}, force=True)
+    manager.wait_until_finished()
 
 
 def _damaged_dir(manager: ocp.CheckpointManager) -> str:
@@ -120,8 +154,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
 
 
 def save_tree(path: str, tree: Any) -> None:
-  """Saves a tree of arrays (e.g. the deploy params) as its own orbax checkpoint at ``path``."""
-  with ocp.StandardCheckpointer() as ckptr:
+  """Saves a tree of arrays (e.g. the deploy params) as its own orbax checkpoint at ``path``; a full disk raises
+  CheckpointError, leaving no partial tree behind."""
+  with _disk_full_is_an_error(os.path.abspath(path)), ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(path), tree, force=True)
 
 

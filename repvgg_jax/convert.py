@@ -16,9 +16,9 @@ import os
 import jax
 from absl import app, flags
 
-from repvgg_jax import checkpoints, export
+from repvgg_jax import checkpoints, cli, export
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.models import create_model
+from repvgg_jax.models import check_variables, create_model
 from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
 
@@ -58,17 +58,45 @@ def _deploy_params(model: str, variables: dict) -> dict:
 
 
 def load_pth(model: str, pth: str, num_classes=None) -> dict:
-  """A .pth file's weights as Flax variables ({'params'[, 'batch_stats']})."""
+  """A .pth file's weights as Flax variables ({'params'[, 'batch_stats']}); a file torch cannot read, or weights
+  of another model, raise ``cli.UserError``."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  state_dict = unwrap_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
-  return load_pytorch_state_dict(state_dict, model, num_classes=num_classes)
+  if not os.path.isfile(pth):
+    raise cli.UserError(f"--pth={pth}: no such file.")
+  try:
+    obj = torch.load(pth, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # Whatever torch fails on, the file is the cause.
+    reason = cli.one_line(e).split(". ")[0][:200]
+    raise cli.UserError(f"--pth={pth} is not a PyTorch checkpoint torch can read ({reason}); is the download "
+                        "complete, and is it a .pth/.pt file?") from e
+  try:
+    return load_pytorch_state_dict(unwrap_state_dict(obj), model, num_classes=num_classes)
+  except ValueError as e:
+    raise cli.UserError(f"--pth={pth}: {e}") from e
 
 
-def load_orbax(orbax_path: str) -> dict:
-  """An orbax tree (training-time variables or deploy params) as Flax variables."""
-  tree = checkpoints.load_tree(orbax_path)
-  return tree if "params" in tree else {"params": tree}
+def load_orbax(model: str, orbax_path: str) -> dict:
+  """An orbax tree (training-time variables or deploy params) of ``model`` as Flax variables; a folder that is not
+  such a checkpoint raises ``cli.UserError``."""
+  if not os.path.isdir(orbax_path):
+    raise cli.UserError(f"--orbax={orbax_path}: no such folder; give the folder train.py or --out wrote (e.g. "
+                        "<workdir>/deploy).")
+  try:
+    tree = checkpoints.load_tree(orbax_path)
+  except Exception as e:  # pylint: disable=broad-except  # orbax's errors for a folder it cannot read vary.
+    raise cli.UserError(f"--orbax={orbax_path} is not an orbax checkpoint ({cli.one_line(e)[:200]}); give the "
+                        "folder train.py or --out wrote (e.g. <workdir>/deploy).") from e
+  variables = tree if "params" in tree else {"params": tree}
+  try:
+    classes = variables["params"]["linear"]["kernel"].shape[-1]
+    stem = jax.tree_util.tree_flatten_with_path(variables["params"]["stage0"])[0]
+    channels = next(leaf.shape[2] for path, leaf in stem if path[-1].key == "kernel")  # (kh, kw, image channels, out)
+    check_variables(create_model(model, num_classes=classes, deploy="batch_stats" not in variables), variables,
+                    channels)
+  except (KeyError, TypeError, ValueError, StopIteration) as e:
+    raise cli.UserError(f"--orbax={orbax_path} holds no {model} weights: {cli.one_line(e)}") from e
+  return variables
 
 
 def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
@@ -107,21 +135,23 @@ def main(argv):
   if (FLAGS.pth and not (FLAGS.out or FLAGS.to_onnx)) or (FLAGS.orbax and not (FLAGS.to_pth or FLAGS.to_onnx)):
     raise app.UsageError("--pth needs --out and/or --to_onnx; --orbax needs --to_pth and/or --to_onnx.")
   try:
-    variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.orbax)
-    # Fused (and checked) once, for whichever outputs need the plain model.
-    deploy_params = _deploy_params(FLAGS.model, variables) if FLAGS.out or FLAGS.to_onnx else None
-    if FLAGS.pth and FLAGS.out:
-      for path in write_orbax(variables, deploy_params, FLAGS.out):
-        print(f"wrote {path}")
-    if FLAGS.orbax and FLAGS.to_pth:
-      write_pth(FLAGS.model, variables, FLAGS.to_pth, FLAGS.naming)
-      print(f"wrote {FLAGS.to_pth}")
-    if FLAGS.to_onnx:
-      error = write_onnx(FLAGS.model, deploy_params, FLAGS.to_onnx)
-      print(f"wrote {FLAGS.to_onnx} (onnxruntime vs JAX: {error:.1e} of the largest logit)")
+    create_model(FLAGS.model)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise cli.UserError(f"--model: {e}") from e
+  variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.model,
+                                                                                               FLAGS.orbax)
+  # Fused (and checked) once, for whichever outputs need the plain model.
+  deploy_params = _deploy_params(FLAGS.model, variables) if FLAGS.out or FLAGS.to_onnx else None
+  if FLAGS.pth and FLAGS.out:
+    for path in write_orbax(variables, deploy_params, FLAGS.out):
+      print(f"wrote {path}")
+  if FLAGS.orbax and FLAGS.to_pth:
+    write_pth(FLAGS.model, variables, FLAGS.to_pth, FLAGS.naming)
+    print(f"wrote {FLAGS.to_pth}")
+  if FLAGS.to_onnx:
+    error = write_onnx(FLAGS.model, deploy_params, FLAGS.to_onnx)
+    print(f"wrote {FLAGS.to_onnx} (onnxruntime vs JAX: {error:.1e} of the largest logit)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,7 @@ import numpy as np
 from jax import export as jax_export
 
 from repvgg_jax import equivalence
+from repvgg_jax.models import check_variables
 from repvgg_jax.reparam import CONV_BRANCH, IDENTITY_BRANCHES, SMALL_BRANCHES
 
 
@@ -36,17 +37,7 @@ def check_deploy_params(model, params: Mapping) -> None:
     channels = params["stage0"]["rbr_reparam"]["kernel"].shape[2]
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError("params hold no 'stage0/rbr_reparam/kernel': not the params of a deploy model.") from e
-  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))["params"]
-  expected_paths, got_paths = ({jax.tree_util.keystr(p): tuple(np.shape(leaf))
-                                 for p, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
-                                for tree in (expected, params))
-  problems = [f"missing {p}" for p in sorted(set(expected_paths) - set(got_paths))]
-  problems += [f"unexpected {p}" for p in sorted(set(got_paths) - set(expected_paths))]
-  problems += [f"{p} has shape {got_paths[p]}, the model's is {shape}" for p, shape in sorted(expected_paths.items())
-               if p in got_paths and got_paths[p] != shape]
-  if problems:
-    raise ValueError(f"params do not match the model: {'; '.join(problems[:5])}"
-                     + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + ".")
+  check_variables(model, {"params": params}, channels)
 
 
 def export_deploy(model, params: Mapping, image_shape: tuple[int, int, int], dtype: Any = jnp.float32,

@@ -56,6 +56,10 @@ class Source:
   crop: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
+class DatasetError(Exception):
+  """A dataset that is missing, not prepared or malformed; the message names the file and what to do."""
+
+
 # --------------------------------------------------------------------------- Fashion-MNIST from IDX files.
 
 def read_idx(path: str) -> np.ndarray:
@@ -64,24 +68,24 @@ def read_idx(path: str) -> np.ndarray:
   with opener(path, "rb") as f:
     data = f.read()
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+    raise DatasetError(f"{path} is not an IDX file of unsigned bytes.")
   ndim = data[3]
   dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(dims)):
-    raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size} bytes.")
+    raise DatasetError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size} bytes.")
   return body.reshape(dims)
 
 
 def _fashion_mnist_paths(data_dir: str, split: str) -> tuple[str, str]:
   if split not in FASHION_MNIST_FILES:
-    raise ValueError(f"Fashion-MNIST has splits {list(FASHION_MNIST_FILES)}; got {split!r}.")
+    raise DatasetError(f"Fashion-MNIST has splits {list(FASHION_MNIST_FILES)}; got {split!r}.")
   paths = tuple(os.path.join(data_dir, name) for name in FASHION_MNIST_FILES[split])
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise FileNotFoundError(f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
-                            "`apt-get install dataset-fashion-mnist` (to /usr/share/datasets/fashion-mnist) or "
-                            "set --config.data_dir to a folder holding the four *-ubyte.gz files.")
+    raise DatasetError(f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
+                       "`apt-get install dataset-fashion-mnist` (to /usr/share/datasets/fashion-mnist) or "
+                       "set --config.data_dir to a folder holding the four *-ubyte.gz files.")
   return paths
 
 
@@ -95,7 +99,7 @@ def fashion_mnist_source(data_dir: str = "") -> Source:
     images_path, labels_path = _fashion_mnist_paths(data_dir, split)
     images, labels = read_idx(images_path)[..., None], read_idx(labels_path).astype(np.int32)
     if len(images) != len(labels):
-      raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels.")
+      raise DatasetError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels.")
     images, labels = images[process_index::process_count], labels[process_index::process_count]
     return tf.data.Dataset.from_tensor_slices({"pixels": images, "label": labels})
 
@@ -128,8 +132,8 @@ def tfds_source(name: str, data_dir: str = "", splits=("train", "validation")) -
       builder.as_dataset(split=split)
     except Exception as e:  # pylint: disable=broad-except
       hint = IMAGENET_PREPARATION if name.startswith("imagenet") else f"Run `tfds build {name}` first."
-      raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not readable in {builder.data_dir} "
-                              f"({type(e).__name__}). {hint}") from e
+      raise DatasetError(f"TFDS dataset {name!r} split {split!r} is not readable in {builder.data_dir} "
+                       f"({type(e).__name__}). {hint}") from e
   channels = builder.info.features["image"].shape[-1]
   mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
@@ -217,8 +221,8 @@ def train_dataset(source: Source, config, local_batch_size: int, seed: int, star
     ds = ds.cache()
   epoch_size = int(ds.cardinality())
   if epoch_size <= 0:
-    raise ValueError(f"the {config.train_split!r} split of this process has {epoch_size} examples (or an unknown "
-                     "count); exact resume needs its size.")
+    raise DatasetError(f"the {config.train_split!r} split of this process has {epoch_size} examples (or an unknown "
+                       "count); exact resume needs its size.")
   start = start_step * local_batch_size
   first_epoch, offset = divmod(start, epoch_size)
   epochs = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(

@@ -11,7 +11,9 @@ import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from repvgg_jax import variants
 from repvgg_jax.backend import add_bias, conv2d, global_average_pool
@@ -318,3 +320,19 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
   if num_classes < 1:
     raise ValueError(f"num_classes must be positive; got {num_classes}.")
   return network(num_classes=num_classes, deploy=deploy, dtype=dtype, **fields)
+
+
+def check_variables(model: nn.Module, variables, channels: int) -> None:
+  """Raises ValueError unless ``variables`` ({'params'[, 'batch_stats']}) hold exactly ``model``'s leaves, with
+  its shapes, for ``channels``-channel images; the message names the first five differences."""
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))
+  expected_paths, got_paths = ({jax.tree_util.keystr(p): tuple(np.shape(leaf))
+                                 for p, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
+                                for tree in (expected, variables))
+  problems = [f"missing {p}" for p in sorted(set(expected_paths) - set(got_paths))]
+  problems += [f"unexpected {p}" for p in sorted(set(got_paths) - set(expected_paths))]
+  problems += [f"{p} has shape {got_paths[p]}, the model's is {shape}" for p, shape in sorted(expected_paths.items())
+               if p in got_paths and got_paths[p] != shape]
+  if problems:
+    raise ValueError(f"variables do not match the model: {'; '.join(problems[:5])}"
+                     + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + ".")

@@ -19,7 +19,6 @@ quantized op: the CPU paths of ``backend`` are off while a quantized model is tr
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, Iterable, Mapping
 
@@ -261,7 +260,7 @@ def check_int8_onnx(proto, qmodel, params: Mapping, quant_stats: Mapping, images
 
 def main(argv):
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  from repvgg_jax import checkpoints, equivalence, export, input_pipeline, training  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import checkpoints, cli, equivalence, export, input_pipeline, training  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -270,12 +269,15 @@ def main(argv):
     raise app.UsageError("--weight_bits must be 8 or 4, --qat_epochs >= 0 and --calibration_batches >= 1.")
   deploy_dir = os.path.join(workdir, "deploy")
   if not os.path.isdir(deploy_dir):
-    sys.exit(f"error: {deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
-             "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
+    raise cli.UserError(f"{deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
+                        "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   deploy = training.model_from_config(config, source.num_classes, deploy=True, half_precision=False)
   params = jax.tree.map(jnp.asarray, checkpoints.load_tree(deploy_dir))
-  export.check_deploy_params(deploy, params)
+  try:
+    export.check_deploy_params(deploy, params)
+  except ValueError as e:
+    raise cli.UserError(f"{deploy_dir} holds no deploy params of the config's model: {e}") from e
   batch = min(config.batch_size, 256)
   qmodel, bits = fake_quantized(deploy), flags_.weight_bits
 
@@ -301,7 +303,7 @@ def main(argv):
       params, stats = qat(qmodel, params, stats, train, flags_.qat_learning_rate, steps, config.label_smoothing,
                           log=logging.info, weight_bits=bits)
     except FloatingPointError as e:  # PTQ's results stand; the QAT ones are not written.
-      sys.exit(f"error: {e} (PTQ: eval accuracy {metrics['ptq']:.4f}; nothing written)")
+      raise cli.UserError(f"{e} (PTQ: eval accuracy {metrics['ptq']:.4f}; nothing written)") from e
     qat_params = quantize_weights(params, bits)
     metrics["qat"] = eval_accuracy(lambda x: logits(qmodel, qat_params, stats, x))
     metrics["qat_epochs"] = flags_.qat_epochs
@@ -311,7 +313,7 @@ def main(argv):
     try:
       metrics["onnx_vs_jax"] = check_int8_onnx(proto, qmodel, params, stats, held_out)
     except equivalence.EquivalenceError as e:
-      sys.exit(f"error: deploy_int8.onnx not written: {e}")
+      raise cli.UserError(f"deploy_int8.onnx not written: {e}") from e
     path = os.path.join(workdir, "deploy_int8.onnx")
     export.save_onnx(proto, path)
     session = export.onnx_session(path)
@@ -337,6 +339,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from repvgg_jax import checkpoints, export, input_pipeline, preemption
+from repvgg_jax import checkpoints, export, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
@@ -178,75 +178,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init = functools.partial(create_train_state, jax.random.key(config.seed), config, model, image_shape, optimizer)
   abstract_state = jax.eval_shape(init)
   checkpoints.check_workdir(workdir, checkpoints.tree_bytes(abstract_state))
-  record = run_record(config, source.num_classes, image_shape, abstract_state)
-  manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)
-  state = init() if restored is None else restored[1]
-  start_step = int(state.step)
-  if restored is not None:
-    logging.info("Resumed from step %d", start_step)
-  state = replicate(state)
+  with workdir_lock.hold(workdir):  # Before any checkpoint is read or written.
+    record = run_record(config, source.num_classes, image_shape, abstract_state)
+    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+    restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)
+    state = init() if restored is None else restored[1]
+    start_step = int(state.step)
+    if restored is not None:
+      logging.info("Resumed from step %d", start_step)
+    state = replicate(state)
 
-  p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
-                                            num_classes=source.num_classes, label_smoothing=config.label_smoothing,
-                                            mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay),
-                          axis_name=AXIS, donate_argnums=(0,))
-  p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
-  local_batch = config.batch_size // jax.process_count()
-  train_iter = jax_utils.prefetch_to_device(
-      train_batches(source, config, local_batch, start_step, num_steps, steps_per_epoch), 2)
-  writer = MetricWriter(workdir)
-  eval_metrics, pending, window_start = None, [], time.time()
+    p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
+                                              num_classes=source.num_classes, label_smoothing=config.label_smoothing,
+                                              mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay),
+                            axis_name=AXIS, donate_argnums=(0,))
+    p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
+    local_batch = config.batch_size // jax.process_count()
+    train_iter = jax_utils.prefetch_to_device(
+        train_batches(source, config, local_batch, start_step, num_steps, steps_per_epoch), 2)
+    writer = MetricWriter(workdir)
+    eval_metrics, pending, window_start = None, [], time.time()
 
-  def flush(step):
-    """Logs the steps since the last flush; stops on a non-finite loss before anything is saved."""
-    nonlocal pending, window_start
-    if not pending:
-      return
-    history = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending])
-    healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
-    if not healthy.all():
-      bad = step - len(pending) + 1 + int(np.argmin(healthy))
-      raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good "
-                               f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}.")
-    elapsed = time.time() - window_start
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "params_finite"}
-    summary["images_per_sec"] = len(pending) * config.batch_size / elapsed
-    eta = (num_steps - step) * elapsed / len(pending)
-    logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f images/s %.0f ETA %s", step, num_steps,
-                 step / steps_per_epoch, summary["loss"], summary["accuracy"], summary["images_per_sec"],
-                 _format_duration(eta))
-    writer.write(step, "train", summary)
-    pending, window_start = [], time.time()
+    def flush(step):
+      """Logs the steps since the last flush; stops on a non-finite loss before anything is saved."""
+      nonlocal pending, window_start
+      if not pending:
+        return
+      history = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending])
+      healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
+      if not healthy.all():
+        bad = step - len(pending) + 1 + int(np.argmin(healthy))
+        raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good "
+                                 f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}.")
+      elapsed = time.time() - window_start
+      summary = {k: float(np.mean([h[k] for h in history])) for k in history[0] if k != "params_finite"}
+      summary["images_per_sec"] = len(pending) * config.batch_size / elapsed
+      eta = (num_steps - step) * elapsed / len(pending)
+      logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f images/s %.0f ETA %s", step, num_steps,
+                   step / steps_per_epoch, summary["loss"], summary["accuracy"], summary["images_per_sec"],
+                   _format_duration(eta))
+      writer.write(step, "train", summary)
+      pending, window_start = [], time.time()
 
-  def save(step, accuracy=None):
-    checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), record, accuracy)
+    def save(step, accuracy=None):
+      checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), record, accuracy)
 
-  with preemption.StopRequests() as stop:
-    for step in range(start_step + 1, num_steps + 1):
-      state, metrics = p_train_step(state, next(train_iter))
-      pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        flush(step)
-      evaluated = step % eval_every == 0 or step == num_steps
-      if evaluated:
-        flush(step)
-        eval_metrics = evaluate(p_eval_step, state.eval_variables(),
-                                input_pipeline.eval_batches(source, config, local_batch))
-        logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
-        writer.write(step, "eval", eval_metrics)
-      if evaluated or step % config.checkpoint_every_steps == 0:
-        flush(step)
-        save(step, eval_metrics["accuracy"] if evaluated else None)
-        window_start = time.time()  # Checkpoint and eval time is not training throughput.
-      if stop.should_stop(step):
-        flush(step)
-        if manager.latest_step() != step:
-          save(step)
-        path = os.path.join(str(manager.directory), str(step))
-        logging.warning("Preempted at step %d; checkpoint saved to %s", step, path)
-        raise preemption.Preempted(step, path, stop.exit_status)
-  return finish(config, workdir, source, jax_utils.unreplicate(state), eval_metrics, writer)
+    with preemption.StopRequests() as stop:
+      for step in range(start_step + 1, num_steps + 1):
+        state, metrics = p_train_step(state, next(train_iter))
+        pending.append(metrics)
+        if step % config.log_every_steps == 0 or step == num_steps:
+          flush(step)
+        evaluated = step % eval_every == 0 or step == num_steps
+        if evaluated:
+          flush(step)
+          eval_metrics = evaluate(p_eval_step, state.eval_variables(),
+                                  input_pipeline.eval_batches(source, config, local_batch))
+          logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
+          writer.write(step, "eval", eval_metrics)
+        if evaluated or step % config.checkpoint_every_steps == 0:
+          flush(step)
+          save(step, eval_metrics["accuracy"] if evaluated else None)
+          window_start = time.time()  # Checkpoint and eval time is not training throughput.
+        if stop.should_stop(step):
+          flush(step)
+          if manager.latest_step() != step:
+            save(step)
+          path = os.path.join(str(manager.directory), str(step))
+          logging.warning("Preempted at step %d; checkpoint saved to %s", step, path)
+          raise preemption.Preempted(step, path, stop.exit_status)
+    return finish(config, workdir, source, jax_utils.unreplicate(state), eval_metrics, writer)
 
 
 def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:

@@ -105,7 +105,7 @@ def test_onnx_export_refuses_training_form_and_mismatched_params(trained):
   with pytest.raises(ValueError, match="training-time branch"):
     export.to_onnx(deploy, variables["params"])
   other = rv.create_model("RepVGG-B1g2", deploy=True, **{**SMALL, "num_classes": 5})
-  with pytest.raises(ValueError, match=r"params do not match the model: \['linear'\]\['bias'\] has shape"):
+  with pytest.raises(ValueError, match=r"variables do not match the model: \['params'\]\['linear'\]\['bias'\] has shape"):
     export.to_onnx(other, plain)
 
 
@@ -134,5 +134,5 @@ def test_convert_cli_writes_a_checked_onnx_file_from_orbax_and_refuses_a_mismatc
   expected = np.asarray(model.apply(variables, x))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
   result = convert(f"--orbax={tmp_path}/small", f"--to_onnx={tmp_path}/small.onnx")
-  assert result.returncode != 0 and "params do not match the model" in result.stderr
+  assert result.returncode != 0 and "variables do not match the model" in result.stderr
   assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "small.onnx")

@@ -24,17 +24,17 @@ def test_read_idx_round_trips(tmp_path):
 
 def test_read_idx_rejects_a_file_of_another_format(tmp_path):
   (tmp_path / "bad").write_bytes(b"\x89PNG not an idx file")
-  with pytest.raises(ValueError, match="not an IDX file"):
+  with pytest.raises(ip.DatasetError, match="not an IDX file"):
     ip.read_idx(str(tmp_path / "bad"))
 
 
 def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path):
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"):
+  with pytest.raises(ip.DatasetError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"):
     ip.get_source("fashion_mnist", str(tmp_path))
 
 
 def test_unprepared_tfds_dataset_explains_the_manual_preparation(tmp_path):
-  with pytest.raises(FileNotFoundError, match="imagenet2012.*manual"):
+  with pytest.raises(ip.DatasetError, match="imagenet2012.*manual"):
     ip.get_source("imagenet2012", str(tmp_path))
 
 
