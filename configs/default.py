@@ -27,7 +27,9 @@ def get_config():
   config.train_split = "train"
   config.eval_split = "validation"
   config.image_size = 224                    # RandomResizedCrop output and eval crop size
+  config.eval_image_size = 0                 # > 0: eval crop size instead of image_size (e.g. train 256, test 320)
   config.autoaugment_strength = 0.0          # > 0: AutoAugment's ImageNet policy, magnitudes scaled by this
+  config.randaugment_magnitude = 0           # > 0: RandAugment, two ops per image at levels m / 10, m < this
   config.progressive_learning = ()           # ((0, size, strength), (epoch, size, strength), ...): training
                                              # crop size and AutoAugment strength from each epoch on; () = the two above
   config.crop_area_min = 0.08                # RandomResizedCrop area range (min, 1)

@@ -1,10 +1,18 @@
-"""AutoAugment's ImageNet policy (Cubuk et al., CVPR 2019) as stateless tf.data ops, with a strength knob.
+"""AutoAugment's ImageNet policy (Cubuk et al., CVPR 2019) and RandAugment (Cubuk et al., 2020) as stateless
+tf.data ops on one set of image operations, AutoAugment with a strength knob.
 
 MobileOne trains S2-S4 with AutoAugment and raises its strength during training (EfficientNetV2's progressive
 learning). A magnitude bin m in 0..9 of the policy is scaled by ``strength`` and mapped linearly from the
 identity (0) to the op's largest change at m = 9: shear 0.3, rotation 30 degrees, colour/contrast/sharpness
 factors 1 +- 0.9, posterize down to 4 bits, solarize threshold down to 0; geometric and enhancement changes
 take a random sign. AutoContrast, Equalize and Invert have no magnitude. Images are uint8 (H, W, C), C = 1 or 3.
+
+RandAugment as RepVGGplus trains with it (DingXiaoH/RepVGG train/randaug.py, ``raug15``): per image two layers,
+each one of 16 ops drawn uniformly, always applied, at a level m / 10 with m drawn uniformly from 0..M-1 (M =
+15, so levels run past 1 as there): rotate +-30 L degrees, shear +-0.3 L, translate +-0.45 L of the side (fill
+grey 128), enhancements (colour, contrast, brightness, sharpness) by the factor 0.1 + 1.8 L, posterize to
+int(4 L) bits, solarize at 256 L, solarize-add of 110 L below 128, a cutout square of max(2, 40 L) pixels
+(filled with ImageNet's mean colour), and AutoContrast, Equalize, Invert.
 """
 
 import math
@@ -102,28 +110,61 @@ def equalize(image):
   return tf.stack([_equalize_channel(image[:, :, c]) for c in range(image.shape[-1])], axis=-1)
 
 
-def _affine(image, transform):
-  """Output pixel (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2), nearest; outside is 0."""
+def _affine(image, transform, fill=0.0):
+  """Output pixel (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2), nearest; outside is ``fill``."""
   out = tf.raw_ops.ImageProjectiveTransformV3(
       images=tf.cast(image, tf.float32)[None], transforms=tf.cast(tf.concat([transform, [0.0, 0.0]], 0)[None],
                                                                   tf.float32),
-      output_shape=tf.shape(image)[:2], interpolation="NEAREST", fill_mode="CONSTANT", fill_value=0.0)
+      output_shape=tf.shape(image)[:2], interpolation="NEAREST", fill_mode="CONSTANT", fill_value=fill)
   return tf.cast(out[0], tf.uint8)
 
 
-def rotate(image, degrees):
+def rotate(image, degrees, fill=0.0):
   """Rotation about the image centre."""
   theta = degrees * math.pi / 180.0
   h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
   cx, cy = (w - 1) / 2, (h - 1) / 2
   cos, sin = tf.cos(theta), tf.sin(theta)
-  return _affine(image, tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]))
+  return _affine(image, tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]), fill)
 
 
-def shear_x(image, shear):
+def shear_x(image, shear, fill=0.0):
   """Horizontal shear about the image's middle row."""
   cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1) / 2
-  return _affine(image, tf.stack([1.0, shear, -shear * cy, 0.0, 1.0, 0.0]))
+  return _affine(image, tf.stack([1.0, shear, -shear * cy, 0.0, 1.0, 0.0]), fill)
+
+
+def shear_y(image, shear, fill=0.0):
+  """Vertical shear about the image's middle column."""
+  cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1) / 2
+  return _affine(image, tf.stack([1.0, 0.0, 0.0, shear, 1.0, -shear * cx]), fill)
+
+
+def translate(image, dx, dy, fill=0.0):
+  """Shifts the content by (-dx, -dy) pixels (output (x, y) reads input (x + dx, y + dy)), as PIL's affine."""
+  return _affine(image, tf.stack([1.0, 0.0, dx, 0.0, 1.0, dy]), fill)
+
+
+def brightness(image, factor):
+  return _blend(tf.zeros_like(image), image, factor)
+
+
+def solarize_add(image, addition, threshold=128):
+  added = tf.saturate_cast(tf.cast(image, tf.int32) + tf.cast(addition, tf.int32), tf.uint8)
+  return tf.where(image < threshold, added, image)
+
+
+def cutout(image, size, seed):
+  """A size x size square (clipped at the borders) around a uniformly drawn centre, set to ImageNet's mean
+  colour (125, 122, 113; grey 122 for one channel)."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  centre = tf.random.stateless_uniform([2], seed, 0, tf.int32.max, tf.int32) % tf.stack([h, w])
+  half = tf.cast(size, tf.int32) // 2
+  rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
+  inside = ((rows >= centre[0] - half) & (rows < centre[0] + half) & (cols >= centre[1] - half)
+            & (cols < centre[1] + half))
+  colour = tf.constant([125, 122, 113] if image.shape[-1] == 3 else [122], tf.uint8)
+  return tf.where(inside, tf.broadcast_to(colour, tf.shape(image)), image)
 
 
 # --------------------------------------------------------------------------- Magnitudes and the policy.
@@ -164,3 +205,52 @@ def autoaugment(image, seed, strength=1.0, policy=IMAGENET_POLICY):
     return apply
 
   return tf.ensure_shape(tf.switch_case(index, [sub_policy(ops) for ops in policy]), image.shape)
+
+
+# --------------------------------------------------------------------------- RandAugment.
+
+RANDAUGMENT_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
+                   "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+                   "cutout")
+RANDAUGMENT_LEVEL_DIVISOR = 10.0  # m / 10: the official _MAX_LEVEL, not clipped.
+RANDAUGMENT_FILL = 128.0  # Geometric ops fill with grey, as the official hparams.
+
+
+def _randaugment_op(name: str, image, level, seed):
+  """Op ``name`` of RandAugment at ``level`` (m / 10, may exceed 1); ``seed`` draws its sign or cutout centre."""
+  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  if name in ("color", "contrast", "brightness", "sharpness"):
+    return {"color": color, "contrast": contrast, "brightness": brightness, "sharpness": sharpness}[name](
+        image, 0.1 + 1.8 * level)
+  if name == "rotate":
+    return rotate(image, _signed(30.0 * level, seed), RANDAUGMENT_FILL)
+  if name in ("shear_x", "shear_y"):
+    return (shear_x if name == "shear_x" else shear_y)(image, _signed(0.3 * level, seed), RANDAUGMENT_FILL)
+  if name == "translate_x":
+    return translate(image, _signed(0.45 * level * w, seed), 0.0, RANDAUGMENT_FILL)
+  if name == "translate_y":
+    return translate(image, 0.0, _signed(0.45 * level * h, seed), RANDAUGMENT_FILL)
+  if name == "posterize":
+    bits = tf.cast(tf.floor(4.0 * level), tf.int32)
+    return tf.cond(bits >= 8, lambda: image, lambda: posterize(image, bits))
+  if name == "solarize":
+    return solarize(image, tf.floor(256.0 * level))
+  if name == "solarize_add":
+    return solarize_add(image, tf.floor(110.0 * level))
+  if name == "cutout":
+    return cutout(image, tf.maximum(2.0, 40.0 * level), seed)
+  return {"autocontrast": autocontrast, "equalize": equalize, "invert": invert}[name](image)
+
+
+def randaugment(image, seed, magnitude: int = 15, num_layers: int = 2):
+  """``num_layers`` ops drawn uniformly from RANDAUGMENT_OPS, each at m / 10 with m uniform in 0..magnitude-1.
+  image: uint8 (H, W, C); seed: stateless (2,) int."""
+  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
+    op_seed, magnitude_seed, arg_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 3))
+    index = tf.random.stateless_uniform([], op_seed, 0, len(RANDAUGMENT_OPS), tf.int32)
+    level = tf.cast(tf.random.stateless_uniform([], magnitude_seed, 0, magnitude, tf.int32),
+                    tf.float32) / RANDAUGMENT_LEVEL_DIVISOR
+    image = tf.ensure_shape(tf.switch_case(index, [
+        lambda name=name, image=image: _randaugment_op(name, image, level, arg_seed) for name in RANDAUGMENT_OPS]),
+        image.shape)
+  return image

@@ -8,7 +8,10 @@
   python -m repvgg_jax.convert --model=RepVGG-A0 --orbax=runs/a0/deploy --to_onnx=a0.onnx
   python -m repvgg_jax.convert --model=RepVGG-A0 --pth=RepVGG-A0-train.pth --to_onnx=a0.onnx
 
-.pth files need the `torch` extra, ONNX the `onnx` extra: pip install -e '.[torch,onnx]'.
+.pth files need the `torch` extra, ONNX the `onnx` extra: pip install -e '.[torch,onnx]'. .safetensors files (timm's
+hub format) need neither torch nor anything beyond the core install:
+  python -m repvgg_jax.convert --model=RepVGG-A0 --pth=model.safetensors --out=converted/a0
+  python -m repvgg_jax.convert --model=RepVGG-A0 --orbax=runs/a0/deploy --to_pth=a0_deploy.safetensors
 """
 
 import os
@@ -20,17 +23,22 @@ from repvgg_jax import checkpoints, cli, export
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import check_variables, create_model
 from repvgg_jax.reparam import reparam
-from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
+from repvgg_jax.torch_weights import load_pytorch_state_dict, to_numpy_state_dict
 
 flags.DEFINE_string("model", None, "Official variant name, e.g. RepVGG-A0.")
-flags.DEFINE_string("pth", None, "PyTorch checkpoint to read (official or timm naming, training-time or deploy).")
+flags.DEFINE_string("pth", None, "PyTorch checkpoint (.pth, .pt) or .safetensors file to read (official or timm "
+                    "naming, training-time or deploy).")
 flags.DEFINE_string("out", None, "Folder for the orbax checkpoints written from --pth.")
 flags.DEFINE_string("orbax", None, "orbax checkpoint to read: training-time variables or deploy params.")
-flags.DEFINE_string("to_pth", None, "PyTorch file to write from --orbax.")
+flags.DEFINE_string("to_pth", None, "PyTorch file to write from --orbax; a name ending .safetensors writes that.")
 flags.DEFINE_string("to_onnx", None, "ONNX file of the plain model to write from --orbax or --pth.")
 flags.DEFINE_enum("naming", "official", ["official", "timm"], "Key naming of the written .pth.")
 flags.DEFINE_integer("num_classes", None, "Expected head size; default: read from the checkpoint.")
 FLAGS = flags.FLAGS
+
+
+NEEDS_TORCH = ("a .pth file needs torch (pip install 'repvgg-jax[torch]'); .safetensors files need no torch "
+               "(timm's hub files are .safetensors).")
 
 
 def unwrap_state_dict(obj) -> dict:
@@ -57,21 +65,31 @@ def _deploy_params(model: str, variables: dict) -> dict:
   return deploy_params
 
 
-def load_pth(model: str, pth: str, num_classes=None) -> dict:
-  """A .pth file's weights as Flax variables ({'params'[, 'batch_stats']}); a file torch cannot read, or weights
-  of another model, raise ``cli.UserError``."""
+def _read_state_dict(path: str) -> dict:
+  """The state_dict in a .safetensors file (numpy, no torch) or a .pth/.pt file (torch)."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
   import torch  # pylint: disable=g-import-not-at-top
+  return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
+
+def load_pth(model: str, pth: str, num_classes=None) -> dict:
+  """A .pth or .safetensors file's weights as Flax variables ({'params'[, 'batch_stats']}); a file that cannot be
+  read, or weights of another model, raise ``cli.UserError``."""
   if not os.path.isfile(pth):
     raise cli.UserError(f"--pth={pth}: no such file.")
   try:
-    obj = torch.load(pth, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  # Whatever torch fails on, the file is the cause.
+    state_dict = _read_state_dict(pth)
+  except ImportError as e:
+    raise cli.UserError(f"--pth={pth}: {NEEDS_TORCH}") from e
+  except Exception as e:  # pylint: disable=broad-except  # Whatever the reader fails on, the file is the cause.
     reason = cli.one_line(e).split(". ")[0][:200]
-    raise cli.UserError(f"--pth={pth} is not a PyTorch checkpoint torch can read ({reason}); is the download "
-                        "complete, and is it a .pth/.pt file?") from e
+    kind = "safetensors" if pth.endswith(".safetensors") else "PyTorch checkpoint torch can read"
+    raise cli.UserError(f"--pth={pth} is not a {kind} ({reason}); is the download complete, and is it a "
+                        ".pth/.pt or .safetensors file?") from e
   try:
-    return load_pytorch_state_dict(unwrap_state_dict(obj), model, num_classes=num_classes)
+    return load_pytorch_state_dict(state_dict, model, num_classes=num_classes)
   except ValueError as e:
     raise cli.UserError(f"--pth={pth}: {e}") from e
 
@@ -110,12 +128,19 @@ def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
 
 
 def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official") -> None:
-  """Writes training-time variables ({'params', 'batch_stats'}) or deploy params ({'params'}) as a .pth."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  state_dict = to_pytorch_state_dict(variables, naming=naming)
+  """Writes training-time variables ({'params', 'batch_stats'}) or deploy params ({'params'}) as a .pth file, or
+  as .safetensors (numpy, no torch) where ``to_pth`` ends so."""
+  state_dict = to_numpy_state_dict(variables, naming=naming)
   load_pytorch_state_dict(state_dict, model)  # Strict check that these are weights of ``model``.
-  torch.save(state_dict, to_pth)
+  if to_pth.endswith(".safetensors"):
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(state_dict, to_pth)
+  else:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise cli.UserError(f"--to_pth={to_pth}: {NEEDS_TORCH}") from e
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, to_pth)
 
 
 def write_onnx(model: str, deploy_params: dict, to_onnx: str) -> float:

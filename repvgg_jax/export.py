@@ -76,13 +76,14 @@ ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer
 def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Optional[tuple[int, int]] = None,
             int8: Optional[Mapping[str, Mapping]] = None):
   """The plain network as an ``onnx.ModelProto``: NCHW float32 input ``images`` (batch, C, height, width),
-  all three symbolic, and one output ``logits`` (batch, num_classes). Written to ``path`` if given.
+  all three symbolic, and one output ``logits`` (batch, num_classes), or for a features-only model one output
+  ``features_<i>`` (batch, C_i, H / r_i, W / r_i) per selected stage. Written to ``path`` if given.
   ``image_size=(H, W)`` fixes height and width (the batch stays symbolic), as fixed-size exporters do
   (timm's ``torch.onnx.export``); the bench uses it so that onnxruntime gets the same problem from both.
 
   Per block: Conv (3x3, the fused bias, pads 1, the block's stride and groups), the SE block where the model
-  has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu; then GlobalAveragePool,
-  Flatten and Gemm. Kernels are transposed once here (HWIO -> OIHW), so the graph holds no Transpose.
+  has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu, RepVGGplus's post SE; then
+  GlobalAveragePool, Flatten and Gemm. Kernels are transposed once here (HWIO -> OIHW), so the graph holds no Transpose.
   ``model``/``params`` as for ``export_deploy``; a training-form or mismatched tree raises ValueError.
 
   ``int8`` (``quantize.int8_layers``: per layer an input scale, int8 weights and per-output-channel weight
@@ -137,32 +138,49 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
     return node("Conv", [x, w, b], name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides],
                 group=groups)
 
+  if int8 is not None and model.features_only:
+    raise ValueError("INT8 export takes the classifier, not a features-only model.")
+  last_of_stage = {spec.stage: spec.name for spec in model.plan()}
+  stage_outputs = {}
   x = "images"
+  def squeeze_excite(x, se, name):
+    s = node("GlobalAveragePool", [x], f"{name}.pool")
+    s = node("Relu", [conv(s, np.asarray(se["down"]["kernel"])[None, None], se["down"]["bias"], f"{name}.down")],
+             f"{name}.down_relu")
+    s = node("Sigmoid", [conv(s, np.asarray(se["up"]["kernel"])[None, None], se["up"]["bias"], f"{name}.up")],
+             f"{name}.gate")
+    return node("Mul", [x, s], name)
+
   for spec in model.plan():
     block = params[spec.name]
     fused = block["rbr_reparam"]
     x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups, spec.name)
     if spec.use_se:
-      down, up = block["se"]["down"], block["se"]["up"]
-      s = node("GlobalAveragePool", [x], f"{spec.name}.se.pool")
-      s = node("Relu", [conv(s, np.asarray(down["kernel"])[None, None], down["bias"], f"{spec.name}.se.down")],
-               f"{spec.name}.se.down_relu")
-      s = node("Sigmoid", [conv(s, np.asarray(up["kernel"])[None, None], up["bias"], f"{spec.name}.se.up")],
-               f"{spec.name}.se.gate")
-      x = node("Mul", [x, s], f"{spec.name}.se")
+      x = squeeze_excite(x, block["se"], f"{spec.name}.se")
     x = node("Relu", [x], f"{spec.name}.relu")
-  x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
-  if quantized("linear"):
-    x = quantized_input(x, "linear", "linear")
-  node("Gemm", [x, *weight_and_bias("linear", params["linear"]["kernel"], params["linear"]["bias"], "linear", 1,
-                                    lambda a: a)], "logits")
+    if spec.post_se:
+      x = squeeze_excite(x, block["post_se"], f"{spec.name}.post_se")
+    if last_of_stage[spec.stage] == spec.name:
+      stage_outputs[spec.stage] = x
+  if model.features_only:
+    outputs = [helper.make_tensor_value_info(node("Identity", [stage_outputs[info["stage"]]], f"features_{i}"),
+                                             onnx.TensorProto.FLOAT, ["batch", info["num_chs"], f"height_{i}",
+                                                                      f"width_{i}"])
+               for i, info in enumerate(model.feature_info())]
+  else:
+    x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+    if quantized("linear"):
+      x = quantized_input(x, "linear", "linear")
+    node("Gemm", [x, *weight_and_bias("linear", params["linear"]["kernel"], params["linear"]["bias"], "linear", 1,
+                                      lambda a: a)], "logits")
+    outputs = [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
+                                             ["batch", int(params["linear"]["kernel"].shape[-1])])]
   channels = int(params["stage0"]["rbr_reparam"]["kernel"].shape[2])
-  classes = int(params["linear"]["kernel"].shape[-1])
   graph = helper.make_graph(
       nodes, "repvgg_deploy",
       [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT,
                                      ["batch", channels, *(image_size or ("height", "width"))])],
-      [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", classes])], weights)
+      outputs, weights)
   proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                             producer_name="repvgg-jax", ir_version=ONNX_IR_VERSION)
   onnx.checker.check_model(proto, full_check=True)
@@ -187,15 +205,21 @@ def onnx_session(proto_or_path, threads: int = 0):
 
 
 def check_onnx(proto_or_path, model, params: Mapping, images, rtol: float = equivalence.RTOL) -> float:
-  """Asserts onnxruntime's logits == the JAX deploy model's (HIGHEST precision) on NHWC ``images``; returns
-  the max error relative to the largest logit, or raises ``equivalence.EquivalenceError``."""
+  """Asserts onnxruntime's logits (or feature maps) == the JAX deploy model's (HIGHEST precision) on NHWC
+  ``images``; returns the max error relative to each output's largest value, or raises
+  ``equivalence.EquivalenceError``."""
   images = np.asarray(images, np.float32)
-  expected = np.asarray(equivalence.logits_at_full_precision(model, {"params": params}, images))
-  got = onnx_session(proto_or_path).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
-  error = equivalence.max_relative_error(got, expected)
+  expected = equivalence.logits_at_full_precision(model, {"params": params}, images)
+  if not model.features_only:
+    expected = [expected]
+  got = onnx_session(proto_or_path).run(None, {"images": images.transpose(0, 3, 1, 2)})
+  if model.features_only:
+    got = [g.transpose(0, 2, 3, 1) for g in got]
+  error = max(equivalence.max_relative_error(g, np.asarray(e)) for g, e in zip(got, expected, strict=True))
   if error > rtol:
-    raise equivalence.EquivalenceError(f"onnxruntime's logits differ from the JAX deploy model's by {error:.2e} "
-                                       f"of the largest logit (bound {rtol:.0e}).")
+    what = "feature maps" if model.features_only else "logits"
+    raise equivalence.EquivalenceError(f"onnxruntime's {what} differ from the JAX deploy model's by {error:.2e} "
+                                       f"of the largest value (bound {rtol:.0e}).")
   return error
 
 

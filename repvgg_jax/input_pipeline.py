@@ -16,7 +16,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from repvgg_jax.autoaugment import autoaugment  # pylint: disable=g-import-not-at-top
+from repvgg_jax.autoaugment import autoaugment, randaugment  # pylint: disable=g-import-not-at-top
 
 # TensorFlow is only the input pipeline's engine: it must not grab an accelerator nor compete with XLA's threads.
 try:
@@ -187,9 +187,15 @@ def _normalize(image, mean, std):
   return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)
 
 
+def eval_image_size(config) -> int:
+  """The eval crop size: ``eval_image_size`` where set (e.g. RepVGGplus tests at 320 after training at 256)."""
+  return config.eval_image_size or config.image_size
+
+
 def preprocess_train(source: Source, example, seed, config):
   """Raw example -> {"image": (S, S, C) float32 normalised, "label"}: RandomResizedCrop, optional flip, and
-  AutoAugment at ``config.autoaugment_strength`` (> 0) on the resized uint8 crop."""
+  AutoAugment at ``config.autoaugment_strength`` (> 0) or RandAugment at ``config.randaugment_magnitude`` (> 0)
+  on the resized uint8 crop."""
   crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   window = random_resized_crop_window(source.shape(example["pixels"]), crop_seed, config.crop_area_min)
   image = source.crop(example["pixels"], window)
@@ -198,14 +204,18 @@ def preprocess_train(source: Source, example, seed, config):
   image = _resize(image, config.image_size)
   if config.autoaugment_strength > 0:
     image = autoaugment(tf.saturate_cast(tf.round(image), tf.uint8), augment_seed, config.autoaugment_strength)
+  elif config.randaugment_magnitude > 0:
+    image = randaugment(tf.saturate_cast(tf.round(image), tf.uint8), augment_seed, config.randaugment_magnitude)
   return {"image": _normalize(image, source.mean, source.std), "label": example["label"]}
 
 
 def preprocess_eval(source: Source, example, config):
-  """Raw example -> {"image", "label"}: centre crop of ``eval_crop_ratio`` of the short side, resized."""
+  """Raw example -> {"image", "label"}: centre crop of ``eval_crop_ratio`` of the short side, resized to
+  ``eval_image_size(config)``."""
   window = center_crop_window(source.shape(example["pixels"]), config.eval_crop_ratio)
   image = source.crop(example["pixels"], window)
-  return {"image": _normalize(_resize(image, config.image_size), source.mean, source.std), "label": example["label"]}
+  return {"image": _normalize(_resize(image, eval_image_size(config)), source.mean, source.std),
+          "label": example["label"]}
 
 
 def train_dataset(source: Source, config, local_batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:
@@ -253,7 +263,8 @@ def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict
   it = iter(ds.batch(local_batch_size).prefetch(2).as_numpy_iterator())
   for _ in range(num_batches):
     batch = next(it, None)
-    yield pad_batch(batch, local_batch_size, (config.image_size, config.image_size, source.channels))
+    size = eval_image_size(config)
+    yield pad_batch(batch, local_batch_size, (size, size, source.channels))
 
 
 def pad_batch(batch: Optional[dict], batch_size: int, image_shape) -> dict:

@@ -99,8 +99,13 @@ def _branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size:
   return nn.relu(y)
 
 
+def _post_se(block: nn.Module, y):
+  """RepVGGplus's SE after the ReLU (``post_se``, C -> C/4 -> C) where ``block.post_se``; else ``y``."""
+  return SEBlock(reduction=4, dtype=block.dtype, name="post_se")(y) if block.post_se else y
+
+
 class RepVGGBlock(nn.Module):
-  """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))).
+  """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))), RepVGGplus's post SE after it.
 
   The identity branch exists only where input and output channels match and the stride is 1; the 1x1
   branch has padding 0 and the 3x3 branch's stride and groups. (N, H, W, Cin) -> (N, H/s, W/s, features).
@@ -114,10 +119,12 @@ class RepVGGBlock(nn.Module):
   bn_epsilon: float = BN_EPSILON
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  post_se: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return _branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
+    y = _branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
+    return _post_se(self, y)
 
 
 class QARepVGGBlock(nn.Module):
@@ -176,8 +183,8 @@ class MobileOneBlock(nn.Module):
 
 
 class PlainBlock(nn.Module):
-  """The deploy-time block of both families: ReLU(SE(convkxk(x) + bias)). (N, H, W, Cin) -> (N, H/s, W/s,
-  features)."""
+  """The deploy-time block of every family: ReLU(SE(convkxk(x) + bias)), then post SE where RepVGGplus has it.
+  (N, H, W, Cin) -> (N, H/s, W/s, features)."""
 
   features: int
   strides: int = 1
@@ -185,6 +192,7 @@ class PlainBlock(nn.Module):
   use_se: bool = False
   dtype: Any = jnp.float32
   kernel_size: int = 3
+  post_se: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -193,7 +201,27 @@ class PlainBlock(nn.Module):
              name="rbr_reparam")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
-    return nn.relu(y)
+    return _post_se(self, nn.relu(y))
+
+
+AUX_SUFFIX = "_aux"  # RepVGGplus's auxiliary heads: training form only, dropped by reparam.
+
+
+class AuxiliaryHead(nn.Module):
+  """RepVGGplus's deep supervision after a stage: ReLU(BN(conv3x3 stride 2)) at the stage's width (``downsample``),
+  global average pool, a dense layer (``fc``). (N, H, W, C) -> (N, num_classes)."""
+
+  num_classes: int
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = ConvBN(x.shape[-1], 3, 2, 1, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
+               name="downsample")(x, train)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(global_average_pool(nn.relu(y)))
 
 
 def _check_images(x) -> None:
@@ -209,8 +237,18 @@ class _PlainStackNetwork(nn.Module):
 
   ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
   ``reparam`` produces. Input: float images (N, H, W, C). Output: logits (N, num_classes), float32 (float64
-  where ``dtype`` is float64).
+  where ``dtype`` is float64); with ``features_only``, the list of the selected stages' outputs (N, H/r, W/r,
+  C) for r in 2, 4, 8, 16, 32 (``out_indices`` 0..4), and no head (a full model's ``linear`` is ignored).
   """
+
+  num_classes: int = 1000
+  deploy: bool = False
+  features_only: bool = False
+  out_indices: Sequence[int] = (0, 1, 2, 3, 4)
+  dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
 
   def plan(self) -> list[variants.BlockSpec]:
     raise NotImplementedError
@@ -218,37 +256,57 @@ class _PlainStackNetwork(nn.Module):
   def training_block(self, spec: variants.BlockSpec) -> nn.Module:
     raise NotImplementedError
 
+  def aux_heads(self) -> dict[str, str]:
+    """Block name -> the auxiliary head after it (training form only); none but in RepVGGplus."""
+    return {}
+
+  def feature_info(self) -> list[dict]:
+    """Per selected stage (``out_indices``), without running the model: ``stage``, ``num_chs`` (its output
+    channels) and ``reduction`` (its stride w.r.t. the input), as timm's ``feature_info``."""
+    info, reduction = {}, 1
+    for spec in self.plan():
+      reduction *= spec.strides
+      info[spec.stage] = {"stage": spec.stage, "num_chs": spec.features, "reduction": reduction}
+    return [info[i] for i in self.out_indices]
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, return_aux: bool = False):
     _check_images(x)
+    aux_after = {} if self.deploy else self.aux_heads()
+    if return_aux and (not aux_after or self.features_only):
+      raise ValueError("return_aux=True needs the training form of a model with auxiliary heads (RepVGGplus), "
+                       "not features_only.")
     x = x.astype(self.dtype)
+    out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> float32 outputs; float64 stays.
+    stage_outputs, aux = {}, {}
     for spec in self.plan():
       if self.deploy:
         block = PlainBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.dtype, spec.kernel_size,
-                           name=spec.name)
+                           spec.post_se, name=spec.name)
       else:
         block = self.training_block(spec)
       x = block(x, train)
+      stage_outputs[spec.stage] = x  # The last block of each stage writes last.
+      if spec.name in aux_after and (return_aux or self.is_initializing()):  # Created at init, run when asked.
+        head = AuxiliaryHead(self.num_classes, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
+                             name=aux_after[spec.name])
+        aux[aux_after[spec.name]] = head(x, train).astype(out_dtype)
+    if self.features_only:
+      return [stage_outputs[i].astype(out_dtype) for i in self.out_indices]
     x = global_average_pool(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 -> float32 logits; float64 stays.
+    return (x.astype(out_dtype), aux) if return_aux else x.astype(out_dtype)
 
 
 class RepVGG(_PlainStackNetwork):
   """RepVGG: stage0..stage4 of RepVGG blocks (QARepVGG blocks where ``quantization_friendly``), global average
   pool, a dense head."""
 
-  num_blocks: Sequence[int]
-  width_multiplier: Sequence[float]
+  num_blocks: Sequence[int] = dataclasses.field(kw_only=True)
+  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
   groups: int = 1
   use_se: bool = False
   quantization_friendly: bool = False
-  num_classes: int = 1000
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
 
   def plan(self) -> list[variants.BlockSpec]:
     return variants.block_plan(self.num_blocks, self.width_multiplier, self.groups, self.use_se)
@@ -267,16 +325,10 @@ class MobileOne(_PlainStackNetwork):
   """MobileOne: a stem block, then per stage pairs of depthwise 3x3 and pointwise 1x1 MobileOne blocks,
   global average pool, a dense head."""
 
-  width_multiplier: Sequence[float]
+  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
   num_conv_branches: int = 1
   se_blocks: Sequence[int] = (0, 0, 0, 0)
   num_blocks: Sequence[int] = (2, 8, 10, 1)
-  num_classes: int = 1000
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
 
   def plan(self) -> list[variants.BlockSpec]:
     return variants.mobileone_block_plan(self.num_blocks, self.width_multiplier, self.num_conv_branches,
@@ -288,22 +340,48 @@ class MobileOne(_PlainStackNetwork):
                           name=spec.name)
 
 
-_NETWORKS = {variants.Variant: RepVGG, variants.MobileOneVariant: MobileOne}
+class RepVGGplus(_PlainStackNetwork):
+  """RepVGGplus: RepVGG blocks with post SE in stage0, stage1, stage2, stage3_first, stage3_second, stage4, global
+  average pool, a dense head; the training form adds auxiliary heads after stage1, stage2 and stage3_first
+  (``return_aux=True`` returns their logits too)."""
+
+  num_blocks: Sequence[int] = dataclasses.field(kw_only=True)
+  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
+  use_post_se: bool = True
+
+  def plan(self) -> list[variants.BlockSpec]:
+    return variants.repvggplus_block_plan(self.num_blocks, self.width_multiplier, self.use_post_se)
+
+  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+    return RepVGGBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.bn_momentum, self.bn_epsilon,
+                       self.bn_axis_name, self.dtype, spec.post_se, name=spec.name)
+
+  def aux_heads(self) -> dict[str, str]:
+    last = {spec.name.rsplit("_", 1)[0]: spec.name for spec in self.plan()}
+    return {last[stage]: stage + AUX_SUFFIX for stage in ("stage1", "stage2", "stage3_first")}
+
+
+_NETWORKS = {variants.Variant: RepVGG, variants.MobileOneVariant: MobileOne, variants.RepVGGplusVariant: RepVGGplus}
 
 
 def _overridable(network) -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(network)
-               if f.name not in ("num_classes", "deploy", "dtype", "parent", "name"))
+               if f.name not in ("num_classes", "deploy", "dtype", "features_only", "out_indices", "parent", "name"))
 
 
 def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dtype: Any = jnp.float32,
-                 **overrides) -> RepVGG | MobileOne:
+                 features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+                 **overrides) -> RepVGG | MobileOne | RepVGGplus:
   """Builds an official variant by name, e.g. ``create_model("RepVGG-A0")`` or ``create_model("MobileOne-S0")``.
 
   ``overrides`` replace fields of the variant or of the network: RepVGG and QARepVGG ``num_blocks``,
-  ``width_multiplier`` (a, a, a, b), ``groups``, ``use_se`` (RepVGG only); MobileOne ``num_blocks``, ``width_multiplier`` (per stage),
-  ``num_conv_branches``, ``se_blocks``; both ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is
+  ``width_multiplier`` (a, a, a, b), ``groups``, ``use_se`` (RepVGG only); MobileOne ``num_blocks``,
+  ``width_multiplier`` (per stage), ``num_conv_branches``, ``se_blocks``; RepVGGplus ``num_blocks``,
+  ``width_multiplier``, ``use_post_se``; all ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is
   the compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics stay float32.
+  ``features_only=True`` makes a backbone returning the stage outputs ``out_indices`` (0 = the stem, stride 2,
+  .. 4 = stride 32) instead of logits; it takes the full model's variables (the head is ignored), and
+  ``model.feature_info()`` gives their channels and strides.
   """
   variant = variants.get_variant(name)
   network = _NETWORKS[type(variant)]
@@ -319,13 +397,22 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
       raise ValueError(f"{key} must have 4 entries (stage1..stage4); got {fields[key]}.")
   if num_classes < 1:
     raise ValueError(f"num_classes must be positive; got {num_classes}.")
-  return network(num_classes=num_classes, deploy=deploy, dtype=dtype, **fields)
+  out_indices = tuple(out_indices)
+  if not out_indices or not set(out_indices) <= set(range(5)) or len(set(out_indices)) != len(out_indices):
+    raise ValueError(f"out_indices must be distinct stages among 0..4 (0 = the stem); got {out_indices}.")
+  model = network(num_classes=num_classes, deploy=deploy, dtype=dtype, features_only=features_only,
+                  out_indices=out_indices, **fields)
+  model.plan()  # A layout the overrides make impossible (groups, stage3 halves) fails here, not inside init.
+  return model
 
 
 def check_variables(model: nn.Module, variables, channels: int) -> None:
   """Raises ValueError unless ``variables`` ({'params'[, 'batch_stats']}) hold exactly ``model``'s leaves, with
-  its shapes, for ``channels``-channel images; the message names the first five differences."""
+  its shapes, for ``channels``-channel images (a features-only model ignores the head ``linear``); the message
+  names the first five differences."""
   expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))
+  if model.features_only:
+    variables = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "linear"}}
   expected_paths, got_paths = ({jax.tree_util.keystr(p): tuple(np.shape(leaf))
                                  for p, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
                                 for tree in (expected, variables))

@@ -21,15 +21,18 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from repvgg_jax.models import BN_EPSILON
+from repvgg_jax.models import AUX_SUFFIX, BN_EPSILON
 
 CONV_BRANCH = re.compile(r"rbr_dense|rbr_conv_\d+")  # k x k conv + BN.
 SMALL_BRANCHES = ("rbr_1x1", "rbr_scale")  # 1x1 conv + BN, padded to the centre of the k x k kernel.
 IDENTITY_BRANCHES = ("rbr_identity", "rbr_skip")  # BN alone.
 
 
+KEPT = ("se", "post_se")  # SE blocks have no BatchNorm to fold: the plain block keeps them.
+
+
 def _is_block_key(key: str) -> bool:
-  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + ("se",)
+  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + KEPT
 
 
 def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
@@ -127,7 +130,7 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
   if unknown:
     raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a re-parameterizable block "
                      f"holds k x k conv branches (rbr_dense or rbr_conv_i), {list(SMALL_BRANCHES)}, "
-                     f"{list(IDENTITY_BRANCHES)} and se.")
+                     f"{list(IDENTITY_BRANCHES)}, se and post_se.")
   if "rbr_dense" in block_params and "rbr_1x1" not in block_params:
     raise ValueError(f"Block {_join(path)!r} is missing its 'rbr_1x1' branch.")
   convs = sorted((k for k in block_params if CONV_BRANCH.fullmatch(k)), key=lambda k: (len(k), k))
@@ -164,8 +167,8 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
     kernel, bias = kernel + kernel_id, bias + bias_id
 
   fused = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
-  if "se" in block_params:  # Carried over like any non-block subtree (SE has no BatchNorm to fold).
-    fused["se"], _ = _reparam_tree(block_params["se"], stats.get("se"), eps, path + ("se",))
+  for name in (n for n in KEPT if n in block_params):  # Carried over like any non-block subtree.
+    fused[name], _ = _reparam_tree(block_params[name], stats.get(name), eps, path + (name,))
   return fused
 
 
@@ -223,8 +226,9 @@ def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[d
 def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
   """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly.
 
-  Every block (a subtree holding ``rbr_dense``) becomes ``{rbr_reparam: {kernel, bias}}`` (+ its ``se``);
-  everything else, e.g. the ``linear`` head, is carried over. Pure and jittable. ``eps`` must equal the
+  Every block (a subtree holding ``rbr_dense``) becomes ``{rbr_reparam: {kernel, bias}}`` (+ its ``se`` or
+  ``post_se``); RepVGGplus's auxiliary heads (``*_aux``) are dropped; everything else, e.g. the ``linear`` head,
+  is carried over. Pure and jittable. ``eps`` must equal the
   BatchNorm epsilon of the trained model. Mismatched or partial trees raise ValueError naming the path.
   """
   if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
@@ -232,7 +236,8 @@ def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> d
   if "params" in params:
     raise ValueError("reparam got a whole variables dict; call reparam(variables['params'], "
                      "variables['batch_stats']).")
-  fused, blocks = _reparam_tree(params, batch_stats, eps, ())
+  drop_aux = lambda tree: {k: v for k, v in tree.items() if not k.endswith(AUX_SUFFIX)}  # Training form only.
+  fused, blocks = _reparam_tree(drop_aux(params), drop_aux(batch_stats), eps, ())
   if not blocks:
     raise ValueError("reparam found no training-time block (a subtree with 'rbr_dense' or 'rbr_conv_0') in "
                      "params; were these params already re-parameterized?")

@@ -87,10 +87,15 @@ def update_ema(ema: dict, variables: dict, decay: float) -> dict:
   return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, variables)
 
 
+AUX_LOSS_WEIGHT = 0.1  # RepVGGplus's auxiliary heads (official main.py: 0.1 x each head's loss).
+
+
 def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
                label_smoothing: float = 0.0, mixup_alpha: float = 0.0, ema_decay: float = 0.0,
-               axis_name: str = AXIS):
-  """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,)."""
+               aux_loss_weight: float = 0.0, axis_name: str = AXIS):
+  """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,).
+  ``aux_loss_weight`` > 0: the model has auxiliary heads (RepVGGplus), whose losses join the main one so
+  weighted; the reported loss and accuracy stay the main head's."""
   images = batch["image"]
   targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
   if mixup_alpha > 0:
@@ -98,11 +103,16 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
     images, targets = mixup(rng, images, targets.astype(images.dtype), mixup_alpha)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                     mutable=["batch_stats"])
-    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if aux_loss_weight > 0:
+      (logits, aux), updates = state.apply_fn(variables, images, train=True, return_aux=True, mutable=["batch_stats"])
+    else:
+      (logits, updates), aux = state.apply_fn(variables, images, train=True, mutable=["batch_stats"]), {}
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    total = loss + aux_loss_weight * sum(optax.softmax_cross_entropy(a, targets).mean() for a in aux.values())
+    return total, (loss, logits, updates["batch_stats"])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = lax.pmean(grads, axis_name)
   metrics = lax.pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}, axis_name)
   metrics["learning_rate"] = learning_rate(state.step)

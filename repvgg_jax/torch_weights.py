@@ -1,5 +1,6 @@
 """PyTorch state_dict <-> Flax variables: RepVGG in the official (DingXiaoH) and timm key naming, MobileOne in
-apple/ml-mobileone's ("official") and timm's.
+apple/ml-mobileone's ("official") and timm's, QARepVGG in cxxgtxy/QARepVGG's and RepVGGplus in DingXiaoH's
+(timm has neither).
 
 Loading is strict: every missing or unexpected key and every shape mismatch is a ValueError listing them,
 because silently keeping random weights for a misspelt key is the most reported bug of the official loader.
@@ -19,7 +20,10 @@ from repvgg_jax.models import create_model
 
 # Flax name piece -> official name piece, per family (RepVGG's Flax names are the official ones).
 _OFFICIAL_RENAMES = {"repvgg": {}, "qarepvgg": {},  # QARepVGG: cxxgtxy/QARepVGG's names, RepVGG's plus rbr_1x1.weight, bn.
-                     "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"}}
+                     "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"},
+                     "repvggplus": {"downsample": "0", "fc": "3"}}  # Aux heads: nn.Sequential(conv_bn_relu, ...).
+NO_TIMM = {"qarepvgg": "QARepVGG; give cxxgtxy/QARepVGG's", "repvggplus": "RepVGGplus; give DingXiaoH/RepVGG's"}
+_LINEAR = re.compile(r"^(linear|stage\w+_aux\.3)\.")  # PyTorch Linear layers; other 2-D leaves are 1x1 convs.
 # Official name piece -> timm name piece; applied to whole dot-separated components.
 _TIMM_RENAMES = {
     "repvgg": {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
@@ -33,10 +37,12 @@ _IGNORED_SUFFIX = ".num_batches_tracked"
 
 
 def family(name: str) -> str:
-  """"mobileone", "qarepvgg" or "repvgg", from an official model name."""
+  """"mobileone", "qarepvgg", "repvggplus" or "repvgg", from an official model name."""
   variant = variants.get_variant(name)
   if getattr(variant, "quantization_friendly", False):
     return "qarepvgg"
+  if isinstance(variant, variants.RepVGGplusVariant):
+    return "repvggplus"
   return "mobileone" if isinstance(variant, variants.MobileOneVariant) else "repvgg"
 
 
@@ -47,8 +53,11 @@ def _is_identity_gain(names: tuple[str, ...]) -> bool:
 
 def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
   """Flax path, e.g. ('stage1_0', 'rbr_dense', 'bn', 'mean') -> 'stage1.0.rbr_dense.bn.running_mean';
-  MobileOne's ('stage1_0', 'rbr_conv_2', 'conv', 'kernel') -> 'stage1.0.rbr_conv.2.conv.weight'."""
-  block = re.sub(r"^(stage\d)_(\d+)$", r"\1.\2", path[0])
+  MobileOne's ('stage1_0', 'rbr_conv_2', 'conv', 'kernel') -> 'stage1.0.rbr_conv.2.conv.weight'; RepVGGplus's
+  ('stage3_first_2', 'post_se', 'down', 'kernel') -> 'stage3_first.blocks.2.post_se.down.weight' and
+  ('stage1_aux', 'fc', 'kernel') -> 'stage1_aux.3.weight'."""
+  block = re.sub(r"^(stage\d(?:_first|_second)?)_(\d+)$", r"\1.blocks.\2" if family == "repvggplus" else r"\1.\2",
+                 path[0])
   middle = (re.sub(r"^rbr_conv_(\d+)$", r"rbr_conv.\1", _OFFICIAL_RENAMES[family].get(p, p)) for p in path[1:-1])
   return ".".join((block, *middle, _LEAF_TO_TORCH[path[-1]]))
 
@@ -87,7 +96,7 @@ def _flax_to_torch(array: np.ndarray, key: str) -> np.ndarray:
     return array.transpose(3, 2, 0, 1)
   if array.ndim == 2:
     out = array.T
-    return out if key.startswith("linear.") else out[:, :, None, None]  # SE layers are 1x1 convs in PyTorch.
+    return out if _LINEAR.match(key) else out[:, :, None, None]  # SE layers are 1x1 convs in PyTorch.
   return array
 
 
@@ -122,8 +131,8 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   """
   kind = family(name)
   weights = {}
-  if kind == "qarepvgg" and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
-    raise ValueError(f"{name}: timm has no QARepVGG; give cxxgtxy/QARepVGG's (official) naming.")
+  if kind in NO_TIMM and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
+    raise ValueError(f"{name}: timm has no {NO_TIMM[kind]} (official) naming.")
   for key, value in state_dict.items():
     key = key[len("module."):] if key.startswith("module.") else key
     if not key.endswith(_IGNORED_SUFFIX):
@@ -176,8 +185,12 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
 
 def _family_of(variables: Mapping) -> str:
-  """MobileOne trees have its branch names, or (deploy) 1x1 fused kernels, which RepVGG never has; QARepVGG's
-  training-time blocks a BN of their own (``stageN_i/bn``)."""
+  """RepVGGplus trees have a stage3_first; MobileOne trees have its branch names, or (deploy) 1x1 fused kernels,
+  which RepVGG never has; QARepVGG's training-time blocks a BN of their own (``stageN_i/bn``)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
+    names = [p.key for p in path]
+    if names[1].startswith("stage3_first") or "post_se" in names:
+      return "repvggplus"
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = [p.key for p in path]
     if len(names) == 4 and names[0] == "params" and names[2] == "bn":
@@ -189,30 +202,35 @@ def _family_of(variables: Mapping) -> str:
   return "repvgg"
 
 
-def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
-  """Flax variables (training-time or deploy) -> a state_dict of torch tensors in official (or timm) naming.
+def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
+  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and official (or
+  timm) naming; no torch needed (``safetensors.numpy.save_file`` writes it).
 
-  "official" is DingXiaoH's naming for RepVGG and apple/ml-mobileone's for MobileOne (told apart by the
-  tree). BatchNorm layers get the ``num_batches_tracked`` buffer PyTorch expects, so ``load_state_dict`` is
-  strict.
+  "official" is DingXiaoH's naming for RepVGG, cxxgtxy/QARepVGG's for QARepVGG and apple/ml-mobileone's for
+  MobileOne (told apart by the tree). BatchNorm layers get the ``num_batches_tracked`` buffer (int64 0)
+  PyTorch expects, so ``load_state_dict`` is strict.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
   kind = _family_of(variables)
-  if kind == "qarepvgg" and naming == "timm":
-    raise ValueError("timm has no QARepVGG: use naming='official' (cxxgtxy/QARepVGG's).")
+  if kind in NO_TIMM and naming == "timm":
+    raise ValueError(f"timm has no {NO_TIMM[kind]} (official) naming: use naming='official'.")
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = tuple(p.key for p in path)
     if _is_identity_gain(names):
       continue
     key = official_key(names[1:], kind)
-    array = np.asarray(_flax_to_torch(np.asarray(leaf), key))
     if names[0] == "batch_stats" and names[-1] == "mean":
-      out[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
-    out[key] = torch.from_numpy(np.array(array))  # A writable copy: PyTorch may write into it.
+      out[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
+    out[key] = np.array(_flax_to_torch(np.asarray(leaf), key), order="C")  # A writable, contiguous copy.
   if naming == "timm":
     out = {official_to_timm(k, kind): v for k, v in out.items()}
   return out
+
+
+def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
+  """``to_numpy_state_dict`` as torch tensors, for ``torch.save`` and ``load_state_dict``."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  return {k: torch.from_numpy(v) for k, v in to_numpy_state_dict(variables, naming=naming).items()}

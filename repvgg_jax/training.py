@@ -20,7 +20,7 @@ from repvgg_jax import checkpoints, export, input_pipeline, preemption, workdir_
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
-from repvgg_jax.steps import (AXIS, TrainState, create_optimizer, create_train_state, eval_step,
+from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, TrainState, create_optimizer, create_train_state, eval_step,
                               learning_rate_schedule, replicate, shard, train_step, weight_decay_schedule)
 
 
@@ -48,6 +48,13 @@ def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[It
                       f"{config.weight_decay}; the cosine annealing only decreases it (< 0 = constant).")
   if config.autoaugment_strength < 0:
     raise ConfigError(f"autoaugment_strength must be >= 0 (0 = off); got {config.autoaugment_strength}.")
+  if config.randaugment_magnitude < 0 or int(config.randaugment_magnitude) != config.randaugment_magnitude:
+    raise ConfigError(f"randaugment_magnitude must be an integer >= 0 (0 = off); got {config.randaugment_magnitude}.")
+  if config.randaugment_magnitude and (config.autoaugment_strength or config.progressive_learning):
+    raise ConfigError("choose one augmentation policy: randaugment_magnitude, or autoaugment_strength / "
+                      "progressive_learning.")
+  if config.eval_image_size < 0:
+    raise ConfigError(f"eval_image_size must be >= 0 (0 = image_size); got {config.eval_image_size}.")
   stages = [tuple(stage) for stage in config.progressive_learning]
   if stages and (any(len(s) != 3 or s[1] <= 0 or s[2] < 0 for s in stages) or stages[0][0] != 0
                  or any(a[0] >= b[0] for a, b in zip(stages, stages[1:]))):
@@ -190,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
                                               num_classes=source.num_classes, label_smoothing=config.label_smoothing,
-                                              mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay),
+                                              mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay,
+                                              aux_loss_weight=AUX_LOSS_WEIGHT if model.aux_heads() else 0.0),
                             axis_name=AXIS, donate_argnums=(0,))
     p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
     local_batch = config.batch_size // jax.process_count()

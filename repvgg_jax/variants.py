@@ -15,6 +15,11 @@ branch (3x3 blocks only) and an identity BN where shapes allow; the last ``se_bl
 have SE. S0 uses k = 4, S1-S4 k = 1; S4 puts SE on the last 5 pairs of stage3 and on stage4.
 
 QARepVGG-A0 .. B3g4 have RepVGG's shapes and the quantization-friendly block (``quantization_friendly``).
+
+RepVGGplus-L2pse (DingXiaoH/RepVGG, repvggplus.py): RepVGG blocks at depths (8, 14, 24, 1) and widths (2.5, 2.5,
+2.5, 5) with squeeze-and-excitation after each block's ReLU ("post SE", C -> C/4 -> C, kept in the deploy form);
+stage3 is split into halves ``stage3_first`` and ``stage3_second``, and the training form adds auxiliary
+classifiers after stage1, stage2 and stage3_first.
 """
 
 import dataclasses
@@ -51,6 +56,13 @@ class MobileOneVariant:
   num_blocks: tuple[int, int, int, int] = (2, 8, 10, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class RepVGGplusVariant:
+  num_blocks: tuple[int, int, int, int] = D_DEPTHS
+  width_multiplier: tuple[float, float, float, float] = (2.5, 2.5, 2.5, 5)
+  use_post_se: bool = True
+
+
 def _ab(a: float, b: float) -> tuple[float, float, float, float]:
   return (a, a, a, b)
 
@@ -75,6 +87,7 @@ VARIANTS: dict[str, Variant] = {
     "MobileOne-S2": MobileOneVariant((1.5, 2.0, 2.5, 4.0)),
     "MobileOne-S3": MobileOneVariant((2.0, 2.5, 3.0, 4.0)),
     "MobileOne-S4": MobileOneVariant((3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
+    "RepVGGplus-L2pse": RepVGGplusVariant(),
 }
 # QARepVGG (Chu et al., 2022; cxxgtxy/QARepVGG): RepVGG's shapes with the quantization-friendly block. No D2se:
 # its SE sits between the branch sum and the block's BN, which no fusion can fold.
@@ -87,7 +100,7 @@ def list_models() -> list[str]:
   return list(VARIANTS)
 
 
-def get_variant(name: str) -> Variant | MobileOneVariant:
+def get_variant(name: str) -> Variant | MobileOneVariant | RepVGGplusVariant:
   """Looks a variant up by its official name; an unknown name raises ValueError naming the closest ones."""
   if name in VARIANTS:
     return VARIANTS[name]
@@ -100,7 +113,7 @@ def get_variant(name: str) -> Variant | MobileOneVariant:
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """One block of a network: its parameter-tree name, output channels, stride, groups, kernel size, number of
-  kxk conv branches and whether it has SE."""
+  kxk conv branches and whether it has SE (before or after its ReLU)."""
   name: str
   features: int
   strides: int
@@ -108,6 +121,12 @@ class BlockSpec:
   kernel_size: int = 3
   num_conv_branches: int = 1
   use_se: bool = False
+  post_se: bool = False  # RepVGGplus: SE (C -> C/4 -> C) after the ReLU.
+
+  @property
+  def stage(self) -> int:
+    """0 for the stem, 1..4 for the stages: the digit after 'stage' in the name."""
+    return int(self.name[len("stage")])
 
 
 def block_plan(num_blocks, width_multiplier, groups: int = 1, use_se: bool = False) -> list[BlockSpec]:
@@ -149,4 +168,24 @@ def mobileone_block_plan(num_blocks, width_multiplier, num_conv_branches: int = 
                             use_se))
       plan.append(BlockSpec(f"stage{stage}_{2 * i + 1}", out, 1, 1, 1, num_conv_branches, use_se))
       channels = out
+  return plan
+
+
+REPVGGPLUS_STAGES = ("stage1", "stage2", "stage3_first", "stage3_second", "stage4")
+
+
+def repvggplus_block_plan(num_blocks, width_multiplier, use_post_se: bool = True) -> list[BlockSpec]:
+  """RepVGGplus's blocks as the official ``RepVGGplus`` lays them out: ``stage0``, then ``{stage}_{i}`` (the
+  official ``{stage}.blocks.{i}``) for stage1, stage2, stage3_first, stage3_second (each half of stage3's
+  blocks; only the first halves the resolution) and stage4."""
+  if num_blocks[2] % 2:
+    raise ValueError(f"RepVGGplus splits stage3 into two halves: num_blocks[2] must be even; got {num_blocks[2]}.")
+  a = width_multiplier
+  widths = (int(64 * a[0]), int(128 * a[1]), int(256 * a[2]), int(256 * a[2]), int(512 * a[3]))
+  depths = (num_blocks[0], num_blocks[1], num_blocks[2] // 2, num_blocks[2] // 2, num_blocks[3])
+  plan = [BlockSpec("stage0", min(64, int(64 * a[0])), 2, 1, post_se=use_post_se)]
+  for stage, depth, width in zip(REPVGGPLUS_STAGES, depths, widths):
+    first_stride = 1 if stage == "stage3_second" else 2
+    plan += [BlockSpec(f"{stage}_{i}", width, first_stride if i == 0 else 1, 1, post_se=use_post_se)
+             for i in range(depth)]
   return plan

@@ -1,7 +1,9 @@
-"""Runs a module or a script with ``import tensorflow`` failing, as on a JAX-only accelerator image.
+"""Runs a module or a script with ``import tensorflow`` failing, as on a JAX-only accelerator image; ``--also``
+blocks more packages (e.g. torch, as on a TPU VM).
 
   python tests/no_tensorflow.py -m repvgg_jax.bench --models=RepVGG-A0 ...
   python tests/no_tensorflow.py -c "import repvgg_jax"
+  python tests/no_tensorflow.py --also=torch -m repvgg_jax.convert ...
 """
 
 import importlib.abc
@@ -9,7 +11,7 @@ import importlib.util
 import runpy
 import sys
 
-BLOCKED = ("tensorflow", "tensorflow_datasets")
+BLOCKED = ["tensorflow", "tensorflow_datasets"]
 
 
 def _blocked(name: str) -> bool:
@@ -35,7 +37,10 @@ def _find_spec_without_tensorflow(find_spec):
 def main():
   importlib.util.find_spec = _find_spec_without_tensorflow(importlib.util.find_spec)
   sys.meta_path.insert(0, BlockTensorFlow())
-  mode, target, *args = sys.argv[1:]
+  argv = sys.argv[1:]
+  if argv and argv[0].startswith("--also="):
+    BLOCKED.extend(argv.pop(0)[len("--also="):].split(","))
+  mode, target, *args = argv
   sys.argv = [target, *args]
   if mode == "-m":
     runpy.run_module(target, run_name="__main__", alter_sys=True)

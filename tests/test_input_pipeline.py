@@ -65,6 +65,23 @@ def test_eval_batches_cover_every_example_once_with_a_mask(fmnist_dir):
   np.testing.assert_array_equal(rows, 2 * batches[0]["label"] + 4)
 
 
+def test_eval_image_size_sets_the_eval_crops_apart_from_the_training_ones(fmnist_dir):
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+  config = _config(fmnist_dir, image_size=24, eval_image_size=32)
+  assert next(ip.eval_batches(source, config, 8))["image"].shape == (8, 32, 32, 1)
+  assert next(ip.train_dataset(source, config, 8, seed=0).as_numpy_iterator())["image"].shape == (8, 24, 24, 1)
+
+
+def test_randaugment_changes_the_training_images_as_a_function_of_the_seed(fmnist_dir):
+  source = ip.get_source("fashion_mnist", fmnist_dir)
+  plain, augmented = (_config(fmnist_dir, crop_area_min=1.0, random_flip=False, randaugment_magnitude=m)
+                      for m in (0, 15))
+  batch = lambda config, seed: next(ip.train_dataset(source, config, 32, seed=seed).as_numpy_iterator())["image"]
+  np.testing.assert_array_equal(batch(augmented, 0), batch(augmented, 0))
+  changed = np.abs(batch(augmented, 0) - batch(plain, 0)).reshape(32, -1).max(axis=1) > 0
+  assert changed.mean() > 0.5  # Two ops per image; only the few that leave it whole (level 0) do not show.
+
+
 def test_process_shards_partition_the_split(fmnist_dir):
   source = ip.get_source("fashion_mnist", fmnist_dir)
   shards = [list(source.read("test", i, 3).as_numpy_iterator()) for i in range(3)]

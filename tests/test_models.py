@@ -35,7 +35,8 @@ def test_list_models_names_every_official_variant():
   assert rv.list_models() == [
       "RepVGG-A0", "RepVGG-A1", "RepVGG-A2", "RepVGG-B0", "RepVGG-B1", "RepVGG-B1g2", "RepVGG-B1g4",
       "RepVGG-B2", "RepVGG-B2g2", "RepVGG-B2g4", "RepVGG-B3", "RepVGG-B3g2", "RepVGG-B3g4", "RepVGG-D2se",
-      "MobileOne-S0", "MobileOne-S1", "MobileOne-S2", "MobileOne-S3", "MobileOne-S4", "QARepVGG-A0", "QARepVGG-A1",
+      "MobileOne-S0", "MobileOne-S1", "MobileOne-S2", "MobileOne-S3", "MobileOne-S4", "RepVGGplus-L2pse",
+      "QARepVGG-A0", "QARepVGG-A1",
       "QARepVGG-A2", "QARepVGG-B0", "QARepVGG-B1", "QARepVGG-B1g2", "QARepVGG-B1g4", "QARepVGG-B2", "QARepVGG-B2g2",
       "QARepVGG-B2g4", "QARepVGG-B3", "QARepVGG-B3g2", "QARepVGG-B3g4"]
 

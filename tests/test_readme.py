@@ -27,3 +27,16 @@ def test_the_main_job_installs_the_onnx_export_its_config_asks_for():
     command = re.search(r"## Set-up and main job\n\n```bash\n(.*?)```", f.read(), re.S).group(1)
   assert "--config=configs/quickstart.py" in command and quickstart.get_config().export_onnx
   assert "pip install -e '.[onnx]'" in command
+
+
+def test_readme_backbone_example_runs_and_its_shapes_hold():
+  with open(README) as f:
+    text = f.read()
+  namespace = {}
+  for section in ("## Python API", "### As a backbone (detection, segmentation)"):
+    example = re.search(re.escape(section) + r"\n\n.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(example, namespace)  # pylint: disable=exec-used
+  assert [tuple(m.shape) for m in (namespace["c3"], namespace["c4"], namespace["c5"])] == [
+      (2, 28, 28, 96), (2, 14, 14, 192), (2, 7, 7, 1280)]
+  assert namespace["masks"].shape == (2, 28, 28, 21)
+  assert namespace["backbone"].feature_info()[-1] == {"stage": 4, "num_chs": 1280, "reduction": 32}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import os
 import re
 
 import jax
@@ -20,6 +21,7 @@ timm = pytest.importorskip("timm")
 from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_CLASSES = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # Relative to the largest logit: two float32 implementations of the same network.
 
 pytestmark = pytest.mark.usefixtures("full_precision")
@@ -121,30 +123,44 @@ def test_loading_is_strict():
     load_pytorch_state_dict(state_dict, "RepVGG-A0", num_classes=1000)
 
 
-def test_convert_cli_round_trips_a_pth_through_orbax(tmp_path):
+def test_convert_cli_round_trips_safetensors_without_torch_and_pth_with_it(tmp_path):
+  """timm's hub format (.safetensors, timm naming, training form) -> orbax -> .safetensors with ``import torch``
+  blocked; -> .pth (official naming) with torch; both load strictly into timm's fused model and give its logits."""
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   model = timm_model("repvgg_a0", seed=7)
-  pth = str(tmp_path / "a0.pth")
-  torch.save({"state_dict": {timm_to_official(k): v for k, v in model.state_dict().items()}}, pth)
+  hub_file = str(tmp_path / "model.safetensors")
+  save_file({k: v.numpy() for k, v in model.state_dict().items()}, hub_file)
   out = str(tmp_path / "converted")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "repvgg_jax.convert", "--model=RepVGG-A0", *args],
-                                     capture_output=True, text=True, timeout=300)
-  result = run(f"--pth={pth}", f"--out={out}")
+
+  def run(*args, torch_blocked=False):
+    prefix = ["tests/no_tensorflow.py", "--also=torch", "-m"] if torch_blocked else ["-m"]
+    return subprocess.run([sys.executable, *prefix, "repvgg_jax.convert", "--model=RepVGG-A0", *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+  result = run(f"--pth={hub_file}", f"--out={out}", torch_blocked=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "verified: the fused model equals the training-time model" in result.stdout
-  back = str(tmp_path / "deploy.pth")
-  result = run(f"--orbax={out}/deploy", f"--to_pth={back}", "--naming=timm")
-  assert result.returncode == 0, result.stderr[-3000:]
-  fused = reparameterize_model(model)
-  fused.load_state_dict(torch.load(back, weights_only=True), strict=True)
   x = _images(seed=8)
   with torch.no_grad():
     expected = reparameterize_model(timm_model("repvgg_a0", seed=7))(torch.from_numpy(x)).numpy()
-    got = fused(torch.from_numpy(x)).numpy()
-  logits_close(got, expected)
-  assert run(f"--pth={pth}", f"--out={out}", "--num_classes=1000").returncode != 0
-  if importlib.util.find_spec("onnxruntime"):  # Straight from PyTorch weights to a checked ONNX graph.
-    result = run(f"--pth={pth}", f"--to_onnx={tmp_path / 'a0.onnx'}")
+  for written, naming, blocked in (("deploy.safetensors", "timm", True), ("deploy.pth", "official", False)):
+    result = run(f"--orbax={out}/deploy", f"--to_pth={tmp_path / written}", f"--naming={naming}", torch_blocked=blocked)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state_dict = (load_file(str(tmp_path / written)) if written.endswith(".safetensors")
+                  else torch.load(tmp_path / written, weights_only=True))
+    fused = reparameterize_model(timm_model("repvgg_a0", seed=1))
+    if naming == "official":
+      to_timm = {timm_to_official(k): k for k in fused.state_dict()}
+      state_dict = {to_timm[k]: v for k, v in state_dict.items()}
+    fused.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+    with torch.no_grad():
+      logits_close(fused(torch.from_numpy(x)).numpy(), expected)
+  result = run(f"--pth={tmp_path / 'deploy.pth'}", f"--out={tmp_path / 'again'}", torch_blocked=True)
+  assert result.returncode == 1 and "a .pth file needs torch" in result.stderr  # torch really was blocked.
+  assert run(f"--pth={hub_file}", f"--out={out}", "--num_classes=1000").returncode != 0
+  if importlib.util.find_spec("onnxruntime"):  # Straight from the hub file to a checked ONNX graph.
+    result = run(f"--pth={hub_file}", f"--to_onnx={tmp_path / 'a0.onnx'}")
     assert result.returncode == 0 and "onnxruntime vs JAX" in result.stdout, result.stderr[-3000:]
     session = export.onnx_session(str(tmp_path / "a0.onnx"))
     logits_close(session.run(["logits"], {"images": x})[0], expected)

@@ -183,7 +183,7 @@ def test_official_configs_hold_the_recipe():
   assert (config.momentum, config.nesterov, config.learning_rate, config.weight_decay) == (0.9, True, 0.1, 1e-4)
   assert (config.label_smoothing, config.warmup_epochs, config.num_epochs, config.image_size) == (0.1, 5, 120, 224)
   import importlib  # pylint: disable=g-import-not-at-top
-  for name in (n for n in rv.list_models() if n.startswith("RepVGG")):
+  for name in (n for n in rv.list_models() if n.startswith("RepVGG-")):
     module = importlib.import_module(f"configs.{name.split('-')[1].lower()}")
     variant = module.get_config()
     assert variant.model == name
@@ -206,6 +206,11 @@ def test_official_configs_hold_the_recipe():
     assert bool(variant.progressive_learning) == augmented and variant.autoaugment_strength == 0
     if augmented:
       assert variant.progressive_learning[-1][1:] == (224, 1.0) == (variant.image_size, 1.0)
+  from configs import repvggplus_l2pse  # pylint: disable=g-import-not-at-top
+  plus = repvggplus_l2pse.get_config()
+  assert plus.model == "RepVGGplus-L2pse" and set(plus.keys()) == set(config.keys())
+  assert (plus.num_epochs, plus.learning_rate, plus.weight_decay, plus.label_smoothing) == (300, 0.1, 4e-5, 0.1)
+  assert (plus.mixup_alpha, plus.randaugment_magnitude, plus.image_size, plus.eval_image_size) == (0.2, 15, 256, 320)
   from configs import mobileone_quickstart  # pylint: disable=g-import-not-at-top
   small = mobileone_quickstart.get_config()  # Its 6-minute run is in benchmarks/RESULTS.md; here, that it builds.
   training.validate_config(small, config.keys())

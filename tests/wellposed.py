@@ -167,7 +167,8 @@ def torch_logits(model, x_nhwc) -> np.ndarray:
 
 
 def float64_apply(model_name: str, num_classes: int, deploy: bool = False, **overrides):
-  """A jitted float64 ``(variables, images) -> logits`` of a variant (variables and images cast to float64)."""
+  """A jitted float64 ``(variables, images) -> logits`` (or feature maps, with ``features_only=True`` among the
+  overrides) of a variant, variables and images cast to float64."""
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   with jax.enable_x64(True):
     model = rv.create_model(model_name, num_classes=num_classes, deploy=deploy, dtype=jnp.float64, **overrides)
@@ -175,8 +176,8 @@ def float64_apply(model_name: str, num_classes: int, deploy: bool = False, **ove
 
   def run(variables, x):
     with jax.enable_x64(True):
-      return np.asarray(apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
-                              jnp.asarray(x, jnp.float64)))
+      return jax.tree.map(np.asarray, apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
+                                            jnp.asarray(x, jnp.float64)))
   return run
 
 
