@@ -37,9 +37,8 @@ def test_the_emulation_rounds_default_precision_and_spares_highest(accelerator_p
   assert float(jnp.abs(default - bf16).max()) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["RepVGG-B1g4", "RepVGG-D2se"])  # Grouped; SE.
-def test_a_default_precision_comparison_fails_where_the_check_holds(name, accelerator_precision):
-  model, v, deploy, plain, x = _forms(name)
+def test_a_default_precision_comparison_fails_where_the_check_holds(accelerator_precision):
+  model, v, deploy, plain, x = _forms("RepVGG-B1g4")  # Grouped: the widest gap between the two precisions.
   y_train = jax.jit(lambda v, x: model.apply(v, x))(v, x)
   y_deploy = jax.jit(lambda p, x: deploy.apply({"params": p}, x))(plain, x)
   assert equivalence.max_relative_error(y_deploy, y_train) > equivalence.RTOL  # What a GPU user saw.

@@ -16,7 +16,7 @@ from tests import wellposed
 
 SIZE, BATCH = 32, 4  # The stride-32 map is 1 x 1: still a function of the image.
 # Full-size A0 against timm below; here each family's layout at reduced width.
-BACKBONES = [("RepVGG-B1g4", wellposed.reduced_width("RepVGG-B1g4")),
+BACKBONES = [("RepVGG-A0", wellposed.reduced_width("RepVGG-A0")),
              ("QARepVGG-A0", wellposed.reduced_width("QARepVGG-A0")),
              ("RepVGGplus-L2pse", dict(wellposed.reduced_width("RepVGG-A0"), num_blocks=(1, 1, 2, 1))),
              ("MobileOne-S1", wellposed.reduced_width("MobileOne-S1"))]

@@ -1,7 +1,6 @@
 """Spec of PyTorch interop, against the real thing: timm's RepVGG with random weights and BN statistics."""
 
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax import export
 from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
 from tests import wellposed
 from tests.helpers import randomize_torch_batchnorms
@@ -159,8 +157,3 @@ def test_convert_cli_round_trips_safetensors_without_torch_and_pth_with_it(tmp_p
   result = run(f"--pth={tmp_path / 'deploy.pth'}", f"--out={tmp_path / 'again'}", torch_blocked=True)
   assert result.returncode == 1 and "a .pth file needs torch" in result.stderr  # torch really was blocked.
   assert run(f"--pth={hub_file}", f"--out={out}", "--num_classes=1000").returncode != 0
-  if importlib.util.find_spec("onnxruntime"):  # Straight from the hub file to a checked ONNX graph.
-    result = run(f"--pth={hub_file}", f"--to_onnx={tmp_path / 'a0.onnx'}")
-    assert result.returncode == 0 and "onnxruntime vs JAX" in result.stdout, result.stderr[-3000:]
-    session = export.onnx_session(str(tmp_path / "a0.onnx"))
-    logits_close(session.run(["logits"], {"images": x})[0], expected)

@@ -138,6 +138,7 @@ def test_progressive_learning_grows_the_crops_by_stage_and_resumes_inside_a_stag
     np.testing.assert_array_equal(got["image"], expected["image"])
 
 
+@pytest.mark.slow  # The moving average's update and its use for eval: the step test above; MobileOne's fusion: test_mobileone.py.
 def test_a_mobileone_run_with_the_recipe_deploys_its_moving_average(fmnist_dir, tmp_path, monkeypatch):
   """EMA, annealed weight decay and two progressive-learning stages (16 px, then 28 px with AutoAugment)."""
   config = tiny_config(fmnist_dir, model="MobileOne-S0", ema_decay=0.5, final_weight_decay=1e-5, export_onnx=False,
@@ -320,6 +321,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmni
   assert "step 3" in str(error.value)  # The very first update blew up, and nothing after step 2 was saved.
 
 
+@pytest.mark.slow  # The same property at the check itself: tests/test_equivalence.py (default precision fails).
 def test_a_training_run_whose_check_ran_at_default_precision_fails(fmnist_dir, tmp_path, monkeypatch,
                                                                      accelerator_precision):
   """The run's own check, with its HIGHEST context removed, fails under the emulation: the emulation sees it.
