@@ -43,8 +43,9 @@ def main():
   print("Per-layer SQNR (dB) of the PTQ model, W8: fused kernels per tensor and per output channel, and the static-"
         "range activations at each layer's input (mean over layers; min and its layer)")
   print()
-  print("| run | kernels per tensor: mean / min | kernels per channel: mean / min | activations: mean / min |")
-  print("|---|---|---|---|")
+  print("| run | kernels per tensor: mean / min | kernels per channel: mean / min | activations: mean / min "
+        "| largest fused weight: max abs (layer) |")
+  print("|---|---|---|---|---|")
   for workdir, (w8, _) in runs.items():
     if not w8:
       continue
@@ -55,6 +56,9 @@ def main():
     for values in (tensor, channel, w8["activation_sqnr_db"]):
       worst = min(values, key=values.get)
       cells.append(f"{np.mean(list(values.values())):.1f} / {values[worst]:.1f} ({worst})")
+    absmax = w8.get("kernel_absmax")
+    largest = max(absmax, key=absmax.get) if absmax else None
+    cells.append(f"{absmax[largest]:.1f} ({largest})" if largest else "-")
     print(f"| {workdir} | {' | '.join(cells)} |")
 
 

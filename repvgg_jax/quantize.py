@@ -165,6 +165,12 @@ def kernel_sqnr(params: Mapping, bits: int = 8) -> dict[str, tuple[float, float]
           for name, tree in _quantized_subtrees(params)}
 
 
+def kernel_absmax(params: Mapping) -> dict[str, float]:
+  """Per fused kernel: max |w|. One outlier sets a per-tensor scale for the whole layer (MobileOne's fused
+  depthwise kernels are reported to reach above 100), which is what per-channel scales avoid."""
+  return {name: float(np.max(np.abs(np.asarray(tree["kernel"])))) for name, tree in _quantized_subtrees(params)}
+
+
 def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images) -> dict[str, float]:
   """Per quantized layer: the SQNR (dB) of its float input activations on ``images`` quantized with the
   calibrated static scale, the activation side of the mechanism (wide ranges of the fused blocks' outputs)."""
@@ -295,6 +301,7 @@ def main(argv):
   logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", bits,
                flags_.calibration_batches, batch, metrics["ptq"])
   metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c} for k, (t, c) in kernel_sqnr(params).items()}
+  metrics["kernel_absmax"] = kernel_absmax(params)
   held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
   metrics["activation_sqnr_db"] = activation_sqnr(deploy, params, stats, held_out)
   if flags_.qat_epochs > 0:

@@ -80,6 +80,14 @@ def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel(
   assert per_channel > 40 > per_tensor + 20
 
 
+def test_kernel_absmax_reports_each_fused_kernels_largest_weight():
+  kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 8)) * 0.1
+  kernel[1, 1, 0, 3] = -140.0  # A depthwise centre tap as MobileOne's fused identity and 1x1 branches can make.
+  params = {"stage1_0": {"rbr_reparam": {"kernel": kernel, "bias": np.zeros(8)}},
+            "linear": {"kernel": np.full((8, 10), 0.5), "bias": np.zeros(10)}}
+  assert quantize.kernel_absmax(params) == {"stage1_0": 140.0, "linear": 0.5}
+
+
 def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradients():
   params = {"stage0": {"rbr_reparam": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 4, 6)),
                                        "bias": jnp.ones(6)}},
@@ -110,7 +118,8 @@ def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "int8_metrics.json")) as f:
     metrics = json.load(f)
-  assert {"float32", "ptq", "qat", "onnx_int8", "onnx_vs_jax", "kernel_sqnr_db"} <= set(metrics)
+  assert {"float32", "ptq", "qat", "onnx_int8", "onnx_vs_jax", "kernel_sqnr_db",
+          "kernel_absmax", "activation_sqnr_db"} <= set(metrics)
   assert metrics["onnx_vs_jax"]["argmax_agreement"] >= quantize.ONNX_ARGMAX_AGREEMENT
   assert os.path.getsize(os.path.join(workdir, "deploy_int8.onnx")) > 0
   import onnx  # pylint: disable=g-import-not-at-top

@@ -73,6 +73,15 @@ def test_weight_decay_skips_biases_and_the_conv_branches_bn_scales_only():
   assert mask["linear"]["kernel"] and not mask["linear"]["bias"]
 
 
+def test_qarepvgg_decays_the_kernels_and_not_the_post_sum_bn_as_the_official_sgd_optimizer():
+  # cxxgtxy/QARepVGG trains with RepVGG's sgd_optimizer: no decay where the name holds "bn" or "bias".
+  model = rv.create_model("QARepVGG-A0", num_classes=3, width_multiplier=(0.25, 0.25, 0.25, 0.25))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  block = steps.weight_decay_mask(params)["stage1_1"]
+  assert block["rbr_dense"]["conv"]["kernel"] and block["rbr_1x1"]["kernel"]
+  assert not any(jax.tree.leaves(block["rbr_dense"]["bn"])) and not any(jax.tree.leaves(block["bn"]))
+
+
 def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine():
   config = default.get_config()
   config.batch_size = 512
