@@ -90,7 +90,8 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
   scales) makes the graph INT8 in QDQ form: each quantized layer's input passes QuantizeLinear/DequantizeLinear
   with its static scale and zero point, its weight is an int8 tensor and its bias an int32 one behind per-channel
   DequantizeLinear ops, which onnxruntime fuses into integer convolutions (the ReLU before a zero point of -128
-  folds away); SE stays float.
+  folds away); ``int8["pool"]``, where given, puts the global pool's input on its grid the same way (so the last
+  convolution's output is integer too); SE stays float.
   """
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
@@ -168,6 +169,8 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
                                                                       f"width_{i}"])
                for i, info in enumerate(model.feature_info())]
   else:
+    if quantized("pool"):
+      x = quantized_input(x, "pool", "pool")
     x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
     if quantized("linear"):
       x = quantized_input(x, "linear", "linear")

@@ -12,7 +12,9 @@ The scheme (Qwix's numerics, google/qwix ``QtProvider``): every block's fused co
 the head (``linear``) take int8 weights, symmetric per output channel (scale = max |w| / 127.5 over the
 channel, values in [-127, 127]), and int8 inputs, asymmetric per tensor with a static range (the mean over
 calibration images of each image's min and max; after a ReLU the min is 0, so 256 steps cover [0, max]);
-values are rounded half to even. SE layers stay float. Each convolution is one
+values are rounded half to even. The global pool's input (the last block's output) sits on such a static grid
+too, calibrated the same way (``POOL``): Qwix sees no matmul there, but an integer engine needs it to keep the last
+convolution integer (onnxruntime otherwise runs it in float). SE layers stay float. Each convolution is one
 quantized op: the CPU paths of ``backend`` are off while a quantized model is traced.
 """
 
@@ -22,6 +24,9 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
+import contextlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +37,7 @@ from repvgg_jax import backend
 
 QUANTIZED_MODULES = r"(.*/)?(rbr_reparam|linear)"
 STAT = "conv_general_dilated0_lhs", "dot_general0_lhs"  # Qwix's names of a layer's input statistics.
+POOL = "pool"  # The global pool's input: its statistics in the last block's quant_stats, its layer in int8_layers.
 
 
 def _symmetric(bits: int) -> tuple[float, int]:
@@ -77,8 +83,57 @@ def quantize_weights(params: Mapping, bits: int) -> dict:
   return out
 
 
+def _asymmetric_grid(low, high, xp=np):
+  """Qwix's asymmetric int8 grid of a calibrated range [low <= 0, high >= 0]: (scale, zero point), scale =
+  (high - low) / 255 (1 for an empty range), zero point round(-128 - low / scale); after a ReLU (low = 0) the
+  zero point is -128 and the grid [0, 255 steps], which is also what lets onnxruntime drop the ReLU into its
+  integer convolution. ``xp``: numpy or jax.numpy."""
+  scale = (high - low) / 255.0
+  scale = xp.where(scale > 0, scale, 1.0)
+  return scale, xp.clip(xp.round(-128 - low / scale), -128, 127)
+
+
+def _static_range(module: nn.Module, x):
+  """Qwix's static "minmax" calibration of an activation Qwix does not see (per tensor): running sums of each
+  image's min (<= 0) and max (>= 0) in ``module``'s quant_stats ``POOL``, updated where that collection is
+  mutable. Returns the mean (low, high), this batch included."""
+  zero = jnp.zeros((), jnp.float32)
+  stat = module.variable("quant_stats", POOL, lambda: {"count": jnp.zeros((), jnp.int32), "sum_of_min": zero,
+                                                       "sum_of_max": zero})
+  if module.is_mutable_collection("quant_stats") and not module.is_initializing():
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    per_image = tuple(range(1, x.ndim))
+    stat.value = {"count": stat.value["count"] + 1,
+                  "sum_of_min": stat.value["sum_of_min"] + jnp.mean(jnp.minimum(x.min(per_image), 0)),
+                  "sum_of_max": stat.value["sum_of_max"] + jnp.mean(jnp.maximum(x.max(per_image), 0))}
+  count = jnp.maximum(stat.value["count"], 1).astype(jnp.float32)
+  return stat.value["sum_of_min"] / count, stat.value["sum_of_max"] / count
+
+
+def _pool_input_on_the_grid(last_block: str):
+  """A flax method interceptor: the output of the top-level block ``last_block`` (the pool's input) fake-
+  quantized on its static int8 grid, straight-through gradients."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or context.module.path != (last_block,):
+      return y
+    scale, zero = _asymmetric_grid(*_static_range(context.module, y), xp=jnp)
+    y_quantized = (jnp.clip(jnp.round(y / scale) + zero, -128, 127) - zero) * scale
+    return y + jax.lax.stop_gradient(y_quantized.astype(y.dtype) - y)
+
+  return interceptor
+
+
+@contextlib.contextmanager
+def _tracing(qmodel):
+  """Where a fake-quantized model runs: plain convolutions (one quantized op each) and the pool's input grid."""
+  with backend.plain_convolutions(), nn.intercept_methods(_pool_input_on_the_grid(qmodel.plan()[-1].name)):
+    yield
+
+
 def _apply(qmodel, params, quant_stats, images, update: bool):
-  with backend.plain_convolutions():
+  with _tracing(qmodel):
     if update:
       return qmodel.apply({"params": params, "quant_stats": quant_stats}, images, mutable=["quant_stats"])
     return qmodel.apply({"params": params, "quant_stats": quant_stats}, images)
@@ -90,7 +145,7 @@ def calibrate(qmodel, params: Mapping, batches: Iterable) -> dict:
   params = jax.tree.map(jnp.asarray, params)  # Qwix finds a kernel among the params by identity: no numpy copies.
   batches = iter(batches)
   first = next(batches)
-  with backend.plain_convolutions():
+  with _tracing(qmodel):
     stats = qmodel.init(jax.random.key(0), first)["quant_stats"]
   # Eager: under jit, Qwix's statistics update inside its custom-VJP convolution leaks a tracer (qwix 0.1.8).
   step = functools.partial(_apply, qmodel, update=True)
@@ -112,7 +167,8 @@ def _jit_apply(qmodel):
 
 def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
   """Per quantized layer ('stage0', ..., 'linear'): the input scale (per tensor) and the integer weights with
-  their per-output-channel scales, exactly as the fake-quantized JAX model uses them.
+  their per-output-channel scales, exactly as the fake-quantized JAX model uses them; and ``POOL``, the global
+  pool's input grid (no weights).
 
   Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
   "weight_scale": (O,)}}.
@@ -120,20 +176,19 @@ def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
   layers = {}
   for name, tree in _quantized_subtrees(params):
     stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
-    stat = next(stats[k] for k in STAT if k in stats)
-    low, high = (float(np.asarray(stat[f"sum_of_{k}"]).item() / np.asarray(stat["count"])) for k in ("min", "max"))
     integers, scale = _symmetric_grid(np.asarray(tree["kernel"], np.float64), 8, axis=-1)
-    layers[name] = {**_asymmetric(low, high), "weight": integers.astype(np.int8),
+    layers[name] = {**_input_grid(next(stats[k] for k in STAT if k in stats)), "weight": integers.astype(np.int8),
                     "weight_scale": scale.reshape(-1).astype(np.float32)}
+  layers[POOL] = _input_grid(next(stats[POOL] for stats in quant_stats.values() if POOL in stats))
   return layers
 
 
-def _asymmetric(low: float, high: float) -> dict:
-  """Qwix's asymmetric int8 activation grid for a calibrated range [low <= 0, high >= 0]: scale (high - low) /
-  255, zero point round(-128 - low / scale); after a ReLU (low = 0) the zero point is -128 and the grid [0, 255
-  steps], which is also what lets onnxruntime drop the ReLU into its integer convolution."""
-  scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
-  return {"input_scale": float(scale), "input_zero_point": int(np.clip(np.round(-128 - low / scale), -128, 127))}
+def _input_grid(stat: Mapping) -> dict:
+  """{"input_scale", "input_zero_point"} of a layer's running statistics, in float32 as the JAX model computes."""
+  count = np.float32(np.asarray(stat["count"]))
+  low, high = (np.float32(np.asarray(stat[f"sum_of_{k}"]).reshape(())) / count for k in ("min", "max"))
+  scale, zero = _asymmetric_grid(low, high)
+  return {"input_scale": float(np.float32(scale)), "input_zero_point": int(zero)}
 
 
 def _quantized_subtrees(params: Mapping):
@@ -181,7 +236,7 @@ def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images)
   for spec in deploy_model.plan():
     inputs[spec.name] = previous
     previous = np.asarray(outputs[spec.name]["__call__"][0])
-  inputs["linear"] = previous.mean(axis=(1, 2))
+  inputs[POOL], inputs["linear"] = previous, previous.mean(axis=(1, 2))
   def on_the_grid(x, layer):
     scale, zero = layer["input_scale"], layer["input_zero_point"]
     return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale

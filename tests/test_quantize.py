@@ -15,7 +15,7 @@ import pytest
 from jax import lax
 
 import repvgg_jax as rv
-from repvgg_jax import models
+from repvgg_jax import models, variants
 from tests.helpers import random_variables
 
 pytest.importorskip("qwix")  # The quant extra.
@@ -40,12 +40,23 @@ def test_each_convolution_is_one_quantized_op_even_where_the_cpu_splits_it(name,
   for block in blocks:
     assert list(stats[block]["rbr_reparam"]) == ["conv_general_dilated0_lhs"], block
   assert list(stats["linear"]) == ["dot_general0_lhs"]
+  assert list(stats[blocks[-1]]) == ["rbr_reparam", quantize.POOL]  # The global pool's input grid.
 
 
 class _OneConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     return models.PlainBlock(8, name="stage0")(x)
+
+  def plan(self):  # As the networks': the last block's output is the global pool's input.
+    return [variants.BlockSpec(name="stage0", features=8, strides=1, groups=1)]
+
+
+def _on_the_grid(x, low, high):
+  """``x`` fake-quantized on Qwix's asymmetric int8 grid of the range [low, high] (float64 numpy)."""
+  scale = (high - low) / 255
+  zero = round(-128 - low / scale)
+  return (np.clip(np.round(np.asarray(x, np.float64) / scale) + zero, -128, 127) - zero) * scale
 
 
 def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
@@ -55,21 +66,33 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   params = jax.tree.map(lambda a: a + 0.1, params)  # A non-zero bias too.
   qmodel = quantize.fake_quantized(net)
   stats = quantize.calibrate(qmodel, params, [x, 2 * x])
-  layer = quantize.int8_layers(params, stats)["stage0"]
+  layers = quantize.int8_layers(params, stats)
+  layer = layers["stage0"]
   assert layer["weight"].dtype == np.int8 and np.abs(layer["weight"]).max() == 127
   # Static range: the mean over the two batches of the per-example min and max (Qwix averages over the batch
   # axis), 255 steps, zero point -128 - min / scale.
   flat = np.asarray(x).reshape(4, -1)
-  low, high = 1.5 * flat.min(1).mean(), 1.5 * flat.max(1).mean()
+  low, high = flat.min(1).mean(), flat.max(1).mean()
   s, zero = layer["input_scale"], layer["input_zero_point"]
-  assert s == pytest.approx((high - low) / 255, rel=1e-6) and zero == round(-128 - low / s)
-  xq = (np.clip(np.round(np.asarray(x) / s) + zero, -128, 127) - zero) * s
+  assert s == pytest.approx(1.5 * (high - low) / 255, rel=1e-6) and zero == round(-128 - 1.5 * low / s)
   w = layer["weight"] * layer["weight_scale"]
-  expected = lax.conv_general_dilated(jnp.asarray(xq, jnp.float32), jnp.asarray(w, jnp.float32), (1, 1),
-                                      [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      precision="highest") + params["stage0"]["rbr_reparam"]["bias"]
+
+  def block(images, scale):  # The block on its input grid, the range scaled as the running mean was.
+    y = lax.conv_general_dilated(jnp.asarray(_on_the_grid(images, scale * low, scale * high), jnp.float32),
+                                 jnp.asarray(w, jnp.float32), (1, 1), [(1, 1), (1, 1)],
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+    return np.asarray(jnp.maximum(y + params["stage0"]["rbr_reparam"]["bias"], 0), np.float64)
+
+  # The pool's input grid, calibrated the same way on the block's output: Qwix updates the running mean, then
+  # quantizes with it, so the first batch saw its own input range and the second the mean of both.
+  per_image_max = [block(x, 1.0).reshape(4, -1).max(1).mean(), block(2 * x, 1.5).reshape(4, -1).max(1).mean()]
+  pool_high = np.mean(per_image_max)
+  assert layers[quantize.POOL]["input_scale"] == pytest.approx(pool_high / 255, rel=1e-6)
+  assert layers[quantize.POOL]["input_zero_point"] == -128  # After a ReLU: 256 steps over [0, max].
+  expected = _on_the_grid(block(x, 1.5), 0.0, pool_high)
   got = quantize.logits(qmodel, params, stats, x)
-  np.testing.assert_allclose(got, jnp.maximum(expected, 0), atol=2e-6 * float(jnp.abs(expected).max()))
+  np.testing.assert_allclose(got, expected, atol=2e-6 * float(np.abs(expected).max()))
+  assert len(np.unique(np.round(np.asarray(got) / (pool_high / 255), 3) % 1)) == 1  # On the grid.
 
 
 def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel():
@@ -124,5 +147,5 @@ def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp
   assert os.path.getsize(os.path.join(workdir, "deploy_int8.onnx")) > 0
   import onnx  # pylint: disable=g-import-not-at-top
   ops = [n.op_type for n in onnx.load(os.path.join(workdir, "deploy_int8.onnx")).graph.node]
-  assert ops.count("QuantizeLinear") == 5 + 1  # One per block (stage0, one per stage) and one for the head.
+  assert ops.count("QuantizeLinear") == 5 + 1 + 1  # One per block (stage0, one per stage), the pool, the head.
   assert "PTQ (W8A8" in result.stderr and "QAT step 4/4" in result.stderr  # Progress lines, as training's.
