@@ -16,6 +16,7 @@ from jax import lax
 
 import repvgg_jax as rv
 from repvgg_jax import models, variants
+from tests import wellposed
 from tests.helpers import random_variables
 
 pytest.importorskip("qwix")  # The quant extra.
@@ -41,6 +42,37 @@ def test_each_convolution_is_one_quantized_op_even_where_the_cpu_splits_it(name,
     assert list(stats[block]["rbr_reparam"]) == ["conv_general_dilated0_lhs"], block
   assert list(stats["linear"]) == ["dot_general0_lhs"]
   assert list(stats[blocks[-1]]) == ["rbr_reparam", quantize.POOL]  # The global pool's input grid.
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("RepVGG-D2se", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 1, 1, 1))),  # SE before ReLU.
+    ("RepVGGplus-L2pse", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 1, 2, 1))),  # SE after.
+    ("MobileOne-S0", dict(width_multiplier=(0.5,) * 4, num_blocks=(1, 1, 1, 1)))])  # Depthwise.
+def test_int8_onnx_gives_the_jax_models_logits_for_every_family(name, overrides):
+  """The INT8 graph of each family (SE kept float, before or after the ReLU and at the pool's input; depthwise
+  convolutions) against the JAX fake-quantized model, on shallow well-posed networks (the command's own check,
+  >= 98% the same class, is for trained networks' margins). Random networks at full
+  depth are chaotic (at D2se's depth the float model itself moves 0.3 of the logits' spread under input noise
+  of 1e-4), so depth is checked on trained ones, by the command line."""
+  pytest.importorskip("onnxruntime")
+  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
+  model = rv.create_model(name, num_classes=10, **overrides)
+  deploy = rv.create_model(name, num_classes=10, deploy=True, **overrides)
+  variables = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
+  params = rv.reparam(variables["params"], variables["batch_stats"])
+  qmodel = quantize.fake_quantized(deploy)
+  calibration = [wellposed.images((16, 32, 32, 3), seed).astype(np.float32) for seed in (1, 2)]
+  stats = quantize.calibrate(qmodel, params, calibration)
+  proto = export.to_onnx(deploy, jax.device_get(params), int8=quantize.int8_layers(params, stats))
+  images = wellposed.images((32, 32, 32, 3), 7).astype(np.float32)
+  expected = np.asarray(quantize.logits(qmodel, params, stats, images))
+  got = export.onnx_session(proto).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
+  error = np.abs(got - expected).max()
+  assert error < quantize.ONNX_SPREAD_FRACTION * wellposed.spread(expected)  # The command's bound.
+  # A random network's top two logits are often closer than that: the class must agree wherever they are not.
+  top2 = np.sort(expected, -1)[:, -2:]
+  clear = top2[:, 1] - top2[:, 0] > 2 * error
+  assert clear.mean() > 0.5 and (got.argmax(-1) == expected.argmax(-1))[clear].all()
 
 
 class _OneConv(nn.Module):
