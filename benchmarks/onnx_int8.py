@@ -2,6 +2,7 @@
 
   python train.py --config=configs/quickstart.py --workdir=runs/quickstart
   python benchmarks/onnx_int8.py --workdir=runs/quickstart
+  python benchmarks/onnx_int8.py --workdir=runs/mobileone_quickstart --config=configs/mobileone_quickstart.py
   python benchmarks/onnx_int8.py --speed_model=RepVGG-A0 --image_size=224 --repeats=10
 
 Exports the run's deploy params to ONNX (float32), quantizes it with ``onnxruntime.quantization`` (QDQ,
@@ -13,6 +14,7 @@ fused kernels' value ranges are wide (identity and 1x1 branches summed into the 
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -23,7 +25,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import quickstart  # pylint: disable=wrong-import-position
 from repvgg_jax import checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
 
 
@@ -96,7 +97,8 @@ def main():
   import onnxruntime  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", help="a finished quickstart run (holds deploy/)")
+  parser.add_argument("--workdir", help="a finished run (holds deploy/)")
+  parser.add_argument("--config", default="configs/quickstart.py", help="the run's config file (28 px models)")
   parser.add_argument("--calibration_batches", type=int, default=16, help="batches of 64 training images")
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--speed_model", help="instead: float32 vs INT8 speed of this untrained model, e.g. RepVGG-A0")
@@ -107,7 +109,10 @@ def main():
     return
   if not args.workdir:
     parser.error("--workdir or --speed_model is required")
-  config = quickstart.get_config()
+  spec = importlib.util.spec_from_file_location("run_config", args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
   source = input_pipeline.get_source(config.dataset, config.data_dir)
   deploy = training.model_from_config(config, source.num_classes, deploy=True)
   params = checkpoints.load_tree(os.path.join(args.workdir, "deploy"))
