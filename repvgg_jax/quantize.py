@@ -15,7 +15,8 @@ calibration images of each image's min and max; after a ReLU the min is 0, so 25
 values are rounded half to even. The global pool's input (the last block's output) sits on such a static grid
 too, calibrated the same way (``POOL``): Qwix sees no matmul there, but an integer engine needs it to keep the last
 convolution integer (onnxruntime otherwise runs it in float). SE layers stay float. Each convolution is one
-quantized op: the CPU paths of ``backend`` are off while a quantized model is traced.
+quantized op: the CPU paths of ``backend`` are off while a quantized model is traced. Gradients are Qwix's
+straight-through ones, except that grouped convolutions take the float convolution's (``_QtProvider``).
 """
 
 import functools
@@ -57,11 +58,28 @@ def _symmetric_grid(x, bits: int, axis=None, xp=np):
   return xp.clip(xp.round(x / scale), -qmax, qmax), scale
 
 
+class _QtProvider(qwix.QtProvider):
+  """Qwix's QtProvider, but a grouped convolution (MobileOne's depthwise, g2/g4) takes its gradients from the
+  float convolution of the same operands (straight through both): Qwix 0.1.8's backward pass ignores
+  feature_group_count and fails on it. The values stay Qwix's; ungrouped convolutions are Qwix's throughout."""
+
+  def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                           preferred_element_type=None, out_sharding=None):
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, precision, preferred_element_type, out_sharding)
+    quantized = super().conv_general_dilated(lhs, rhs, *args)
+    if feature_group_count == 1:
+      return quantized
+    float_conv = jax.lax.conv_general_dilated(lhs, rhs, *args)
+    return jax.lax.stop_gradient(quantized) + (float_conv - jax.lax.stop_gradient(float_conv))
+
+
 def fake_quantized(deploy_model):
   """The deploy model with Qwix W8A8 fake quantization (static activation ranges)."""
   rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=jnp.int8, act_qtype=jnp.int8,
                      act_static_scale=True, act_calibration_method="minmax")
-  return qwix.quantize_model(deploy_model, qwix.QtProvider([rule]))
+  return qwix.quantize_model(deploy_model, _QtProvider([rule]))
 
 
 def quantize_weights(params: Mapping, bits: int) -> dict:

@@ -76,9 +76,11 @@ def test_int8_onnx_gives_the_jax_models_logits_for_every_family(name, overrides)
 
 
 class _OneConv(nn.Module):
+  groups: int = 1
+
   @nn.compact
   def __call__(self, x):
-    return models.PlainBlock(8, name="stage0")(x)
+    return models.PlainBlock(8, groups=self.groups, name="stage0")(x)
 
   def plan(self):  # As the networks': the last block's output is the global pool's input.
     return [variants.BlockSpec(name="stage0", features=8, strides=1, groups=1)]
@@ -125,6 +127,36 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   got = quantize.logits(qmodel, params, stats, x)
   np.testing.assert_allclose(got, expected, atol=2e-6 * float(np.abs(expected).max()))
   assert len(np.unique(np.round(np.asarray(got) / (pool_high / 255), 3) % 1)) == 1  # On the grid.
+
+
+def test_a_grouped_convolution_trains_with_the_gradients_of_its_dense_equivalent():
+  """Qwix 0.1.8's backward pass fails on grouped convolutions (MobileOne's depthwise, g2/g4); ours takes the float
+  convolution's gradient, straight through: it must give Qwix's own values, and Qwix's own gradients of the same
+  convolution written densely (block-diagonal kernel, the same per-channel scales) up to the rounding of the
+  operands that Qwix's backward pass uses. (Inputs beyond the calibrated range differ more: Qwix's kernel gradient
+  sees them clipped, ours as they are.)"""
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8))
+  weights = jax.random.normal(jax.random.key(2), (4, 6, 6, 8))
+  grouped = _OneConv(groups=4).init(jax.random.key(1), x)["params"]
+  kernel = grouped["stage0"]["rbr_reparam"]["kernel"]  # (3, 3, 2, 8): output channel o reads inputs 2 (o // 2) + i.
+  dense_kernel = jnp.zeros((3, 3, 8, 8))
+  for g in range(4):
+    dense_kernel = dense_kernel.at[:, :, 2 * g:2 * g + 2, 2 * g:2 * g + 2].set(kernel[..., 2 * g:2 * g + 2])
+  dense = {"stage0": {"rbr_reparam": {**grouped["stage0"]["rbr_reparam"], "kernel": dense_kernel}}}
+
+  def values_and_gradients(net, params):
+    qmodel = quantize.fake_quantized(net)
+    stats = quantize.calibrate(qmodel, params, [x])
+    inside = 0.6 * x  # Within the calibrated range: nothing clipped.
+    loss = lambda p: jnp.sum(weights * quantize._apply(qmodel, p, stats, inside, update=False))  # As qat's step.
+    return quantize.logits(qmodel, params, stats, x), jax.grad(loss)(params)["stage0"]["rbr_reparam"]
+
+  y, grads = values_and_gradients(_OneConv(groups=4), grouped)
+  y_dense, grads_dense = values_and_gradients(_OneConv(), dense)
+  np.testing.assert_allclose(y, y_dense, atol=1e-6 * float(jnp.abs(y_dense).max()))
+  diagonal = jnp.stack([grads_dense["kernel"][:, :, 2 * (o // 2):2 * (o // 2) + 2, o] for o in range(8)], -1)
+  np.testing.assert_allclose(grads["kernel"], diagonal, atol=0.02 * float(jnp.abs(diagonal).max()))
+  np.testing.assert_allclose(grads["bias"], grads_dense["bias"], rtol=1e-5)
 
 
 def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel():
