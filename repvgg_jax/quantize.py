@@ -19,13 +19,12 @@ quantized op: the CPU paths of ``backend`` are off while a quantized model is tr
 straight-through ones, except that grouped convolutions take the float convolution's (``_QtProvider``).
 """
 
+import contextlib
 import functools
 import json
 import os
 import time
 from typing import Any, Iterable, Mapping
-
-import contextlib
 
 import flax.linen as nn
 import jax
@@ -71,8 +70,28 @@ class _QtProvider(qwix.QtProvider):
     quantized = super().conv_general_dilated(lhs, rhs, *args)
     if feature_group_count == 1:
       return quantized
-    float_conv = jax.lax.conv_general_dilated(lhs, rhs, *args)
-    return jax.lax.stop_gradient(quantized) + (float_conv - jax.lax.stop_gradient(float_conv))
+    return _with_float_gradients(jax.lax.stop_gradient(quantized), lhs, rhs,
+                                 lambda a, b: jax.lax.conv_general_dilated(a, b, *args))
+
+
+def _with_float_gradients(value, lhs, rhs, conv):
+  """``value`` (the quantized ``conv(lhs, rhs)``), differentiated as the float ``conv(lhs, rhs)``; the float
+  convolution runs only in the backward pass."""
+
+  @jax.custom_vjp
+  def straight_through(value, lhs, rhs):
+    del lhs, rhs
+    return value
+
+  def forward(value, lhs, rhs):
+    return value, (value, lhs, rhs)
+
+  def backward(residuals, g):
+    value, lhs, rhs = residuals
+    return (jnp.zeros_like(value), *jax.vjp(conv, lhs, rhs)[1](g))
+
+  straight_through.defvjp(forward, backward)
+  return straight_through(value, lhs, rhs)
 
 
 def fake_quantized(deploy_model):
@@ -99,6 +118,11 @@ def quantize_weights(params: Mapping, bits: int) -> dict:
     layer = {**tree, "kernel": quantized(tree["kernel"])}
     out[name] = layer if name == "linear" else {**params[name], "rbr_reparam": layer}
   return out
+
+
+def _on_the_asymmetric_grid(x, scale, zero, xp=np):
+  """``x`` fake-quantized on the asymmetric int8 grid (scale, zero point): round half to even, saturate."""
+  return (xp.clip(xp.round(x / scale) + zero, -128, 127) - zero) * scale
 
 
 def _asymmetric_grid(low, high, xp=np):
@@ -137,8 +161,8 @@ def _pool_input_on_the_grid(last_block: str):
     if context.method_name != "__call__" or context.module.path != (last_block,):
       return y
     scale, zero = _asymmetric_grid(*_static_range(context.module, y), xp=jnp)
-    y_quantized = (jnp.clip(jnp.round(y / scale) + zero, -128, 127) - zero) * scale
-    return y + jax.lax.stop_gradient(y_quantized.astype(y.dtype) - y)
+    y_quantized = _on_the_asymmetric_grid(y, scale, zero, xp=jnp).astype(y.dtype)
+    return y + jax.lax.stop_gradient(y_quantized - y)
 
   return interceptor
 
@@ -255,10 +279,8 @@ def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images)
     inputs[spec.name] = previous
     previous = np.asarray(outputs[spec.name]["__call__"][0])
   inputs[POOL], inputs["linear"] = previous, previous.mean(axis=(1, 2))
-  def on_the_grid(x, layer):
-    scale, zero = layer["input_scale"], layer["input_zero_point"]
-    return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
-  return {name: sqnr_db(x, on_the_grid(x, layers[name])) for name, x in inputs.items()}
+  return {name: sqnr_db(x, _on_the_asymmetric_grid(x, layers[name]["input_scale"], layers[name]["input_zero_point"]))
+          for name, x in inputs.items()}
 
 
 def qat(qmodel, params: Mapping, quant_stats: Mapping, batches: Iterable, learning_rate: float,
