@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from repvgg_jax import checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
 
@@ -98,7 +99,7 @@ def main():
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", help="a finished run (holds deploy/)")
-  parser.add_argument("--config", default="configs/quickstart.py", help="the run's config file (28 px models)")
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.py"), help="the run's config file (28 px models)")
   parser.add_argument("--calibration_batches", type=int, default=16, help="batches of 64 training images")
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--speed_model", help="instead: float32 vs INT8 speed of this untrained model, e.g. RepVGG-A0")

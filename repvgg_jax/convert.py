@@ -23,7 +23,7 @@ from repvgg_jax import checkpoints, cli, export
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import check_variables, create_model
 from repvgg_jax.reparam import reparam
-from repvgg_jax.torch_weights import load_pytorch_state_dict, to_numpy_state_dict
+from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
 
 flags.DEFINE_string("model", None, "Official variant name, e.g. RepVGG-A0.")
 flags.DEFINE_string("pth", None, "PyTorch checkpoint (.pth, .pt) or .safetensors file to read (official or timm "
@@ -140,7 +140,7 @@ def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official"
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise cli.UserError(f"--to_pth={to_pth}: {NEEDS_TORCH}") from e
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, to_pth)
+    torch.save(as_torch(state_dict), to_pth)
 
 
 def write_onnx(model: str, deploy_params: dict, to_onnx: str) -> float:

@@ -187,10 +187,8 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 def _family_of(variables: Mapping) -> str:
   """RepVGGplus trees have a stage3_first; MobileOne trees have its branch names, or (deploy) 1x1 fused kernels,
   which RepVGG never has; QARepVGG's training-time blocks a BN of their own (``stageN_i/bn``)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
-    names = [p.key for p in path]
-    if names[1].startswith("stage3_first") or "post_se" in names:
-      return "repvggplus"
+  if any(block.startswith("stage3_first") for tree in variables.values() for block in tree):
+    return "repvggplus"
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = [p.key for p in path]
     if len(names) == 4 and names[0] == "params" and names[2] == "bn":
@@ -231,6 +229,11 @@ def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict
 
 def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
   """``to_numpy_state_dict`` as torch tensors, for ``torch.save`` and ``load_state_dict``."""
+  return as_torch(to_numpy_state_dict(variables, naming=naming))
+
+
+def as_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """A numpy state_dict (``to_numpy_state_dict``) as torch tensors sharing its memory."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  return {k: torch.from_numpy(v) for k, v in to_numpy_state_dict(variables, naming=naming).items()}
+  return {k: torch.from_numpy(v) for k, v in state_dict.items()}
