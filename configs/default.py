@@ -19,6 +19,9 @@ def get_config():
       "use_se": placeholder(bool),             # RepVGG
       "num_conv_branches": placeholder(int),   # MobileOne: k, the conv+BN branches per layer
       "se_blocks": placeholder(tuple),         # MobileOne: SE in the last n blocks of stage1..stage4
+      "use_post_se": placeholder(bool),        # RepVGGplus: SE after every block's ReLU
+      "bn_momentum": placeholder(float),       # every BatchNorm (Flax terms: 0.9 = PyTorch's 0.1)
+      "bn_epsilon": placeholder(float),        # every BatchNorm; reparam folds with the same one
   })
   config.half_precision = False              # bf16 compute; params and BN statistics stay float32
   # Data.
@@ -37,13 +40,15 @@ def get_config():
   config.random_flip = True                  # horizontal flip in training
   config.shuffle_buffer = 16 * 1024          # tf.data shuffle buffer, in examples
   config.cache = False                       # cache the decoded training split in memory
+  config.input_threads = 0                   # decoding threads; 0 = the host's rule (all usable cores beside an
+                                             # accelerator, half of them where JAX runs on the CPU); > 0 caps it
   # Optimisation.
   config.batch_size = 256                    # global batch, over all devices and hosts
   config.num_epochs = 120                    # 120 for A0-A2, B0, B1; 200 for the Table-5 models
   config.num_train_steps = -1                # > 0 overrides num_epochs
-  config.optimizer = "sgd"                   # SGD with momentum
-  config.momentum = 0.9
-  config.nesterov = True
+  config.optimizer = "sgd"                   # "sgd" (with momentum, the official recipe) or "adamw"
+  config.momentum = 0.9                      # sgd only
+  config.nesterov = True                     # sgd only
   config.learning_rate = 0.1                 # per 256 images; scaled by batch_size / 256
   config.warmup_epochs = 5.0                 # linear warm-up, then cosine decay to 0
   config.weight_decay = 1e-4                 # not on biases nor on the 3x3/1x1 branches' BN scales

@@ -5,6 +5,7 @@ cropping windows, resizing, flipping, normalisation, sharding per host, shufflin
 Random ops are stateless and seeded per example, so a pipeline is deterministic for a seed.
 """
 
+import concurrent.futures
 import dataclasses
 import gzip
 import os
@@ -12,16 +13,17 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
+from absl import logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from repvgg_jax.autoaugment import autoaugment, randaugment  # pylint: disable=g-import-not-at-top
 
-# TensorFlow is only the input pipeline's engine: it must not grab an accelerator nor compete with XLA's threads.
+# TensorFlow is only the input pipeline's engine: it must not grab an accelerator. Each op runs on one thread;
+# the parallelism is across examples, in tf.data's pool (``input_threads``).
 try:
   tf.config.set_visible_devices([], "GPU")
-  tf.config.threading.set_inter_op_parallelism_threads(2)
   tf.config.threading.set_intra_op_parallelism_threads(1)
 except RuntimeError:  # TF was already initialised by the caller; its own settings stand.
   pass
@@ -44,6 +46,7 @@ class Source:
   ``read(split, process_index, process_count)`` -> this process's shard of raw examples {"pixels", "label"};
   ``num_examples(split)`` counts the whole split from the local files; ``shape(pixels)`` -> (H, W, C);
   ``crop(pixels, window)`` -> the uint8 (h, w, C) image inside window (y, x, h, w).
+  ``classes``: the label names where the source knows them.
   """
 
   num_classes: int
@@ -54,10 +57,54 @@ class Source:
   read: Callable[[str, int, int], tf.data.Dataset]
   shape: Callable[[tf.Tensor], tf.Tensor]
   crop: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+  classes: tuple[str, ...] = ()
 
 
 class DatasetError(Exception):
   """A dataset that is missing, not prepared or malformed; the message names the file and what to do."""
+
+
+# --------------------------------------------------------------------------- Host threads.
+
+MIN_CPU_BACKEND_THREADS = 2
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def input_threads(cap: int = 0, backend: Optional[str] = None, cores: Optional[int] = None) -> int:
+  """Threads that decode and augment: the size of tf.data's private pool and of TensorFlow's inter-op pool.
+
+  The rule: where the model runs on an accelerator (``backend`` "gpu"/"tpu"; default ``jax.default_backend()``)
+  decoding is the host's only work, so every usable core; where JAX itself computes on the CPU, half of them
+  (at least MIN_CPU_BACKEND_THREADS), so XLA keeps its own threads and a 96-core CPU host still decodes on 48.
+  ``cap`` > 0 (``config.input_threads``) is an upper bound.
+  """
+  cores = usable_cores() if cores is None else cores
+  backend = jax.default_backend() if backend is None else backend
+  threads = cores if backend != "cpu" else max(MIN_CPU_BACKEND_THREADS, cores // 2)
+  return min(threads, cap) if cap > 0 else threads
+
+
+def configure_host(cap: int = 0) -> int:
+  """Sizes TensorFlow's inter-op pool by ``input_threads(cap)`` before TensorFlow starts (call it before any
+  dataset is read); returns that count. Where TensorFlow already runs with another size, that size stands."""
+  threads = input_threads(cap)
+  try:
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+  except RuntimeError:
+    logging.info("TensorFlow already started with %d inter-op threads; tf.data's pools get %d.",
+                 tf.config.threading.get_inter_op_parallelism_threads(), threads)
+  return threads
+
+
+def _with_threads(ds: tf.data.Dataset, cap: int) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = input_threads(cap)
+  return ds.with_options(options)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST from IDX files.
@@ -155,10 +202,108 @@ def tfds_source(name: str, data_dir: str = "", splits=("train", "validation")) -
                 shape=lambda jpeg: tf.image.extract_jpeg_shape(jpeg, output_type=tf.int32), crop=crop)
 
 
+# --------------------------------------------------------------------------- Image folders.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png"}
+
+
+def _image_kind(path: str) -> Optional[str]:
+  with open(path, "rb") as f:
+    head = f.read(4)
+  return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def list_image_folder(data_dir: str, splits) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+  """``data_dir/<split>/<class>/<image>`` -> (class names, {split: [(path, label), ...]}), sorted.
+
+  Classes are the sorted folder names of the first split (training); every file of a JPEG or PNG extension
+  must start as a JPEG or PNG does (its first bytes are read, not the whole file). Raises DatasetError for a
+  missing split, a class folder without images, an eval class the training split lacks, or a non-image file.
+  """
+  if not os.path.isdir(data_dir):
+    raise DatasetError(f"data_dir {data_dir!r} is not a folder; the folder dataset reads "
+                       "<data_dir>/<split>/<class>/<image>.")
+  def class_folders(split):
+    root = os.path.join(data_dir, split)
+    if not os.path.isdir(root):
+      raise DatasetError(f"{root} is missing: the folder dataset reads <data_dir>/<split>/<class>/<image>; "
+                         f"{data_dir} holds {sorted(os.listdir(data_dir))}.")
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+  classes = class_folders(splits[0])
+  if not classes:
+    raise DatasetError(f"{os.path.join(data_dir, splits[0])} has no class folders (<class>/<image>).")
+  files = {}
+  for split in splits:
+    extra = sorted(set(class_folders(split)) - set(classes))
+    if extra:
+      raise DatasetError(f"{os.path.join(data_dir, split)} has classes the training split "
+                         f"{os.path.join(data_dir, splits[0])} lacks: {extra}.")
+    files[split] = []
+    for label, name in enumerate(classes):
+      folder = os.path.join(data_dir, split, name)
+      if not os.path.isdir(folder):
+        continue
+      images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+      if not images:
+        raise DatasetError(f"class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
+      files[split] += [(os.path.join(folder, f), label) for f in images]
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:  # Header reads wait on the disk, not the CPU.
+    paths = [path for split in splits for path, _ in files[split]]
+    for path, kind in zip(paths, pool.map(_image_kind, paths)):
+      if kind is None:
+        raise DatasetError(f"{path} is not a JPEG or PNG image (its first bytes say otherwise); remove or "
+                           "replace it.")
+  return classes, files
+
+
+def _png_shape(data):
+  """(H, W) from a PNG's IHDR chunk (big-endian width at bytes 16-19, height at 20-23)."""
+  size = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int32)
+  width, height = (size[0 + i] * 2**24 + size[1 + i] * 2**16 + size[2 + i] * 2**8 + size[3 + i] for i in (0, 4))
+  return tf.stack([height, width, 3])
+
+
+def _is_jpeg(data):
+  return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def folder_source(data_dir: str, splits=("train", "validation")) -> Source:
+  """Images in ``data_dir/<split>/<class>/<image>`` (TFDS ImageFolder's layout), JPEG or PNG of any size; grey
+  and RGBA become RGB. JPEGs take the fused decode-and-crop path, as ImageNet does. ``classes``: the names."""
+  classes, files = list_image_folder(data_dir, splits)
+
+  def read(split, process_index, process_count):
+    paths, labels = zip(*files[split][process_index::process_count])
+    ds = tf.data.Dataset.from_tensor_slices({"path": list(paths), "label": np.array(labels, np.int32)})
+    return ds.map(lambda ex: {"pixels": tf.io.read_file(ex["path"]), "label": ex["label"]},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def shape(data):
+    return tf.cond(_is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data, output_type=tf.int32),
+                   lambda: _png_shape(data))
+
+  def crop(data, window):
+    return tf.cond(_is_jpeg(data), lambda: tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=3),
+                   lambda: tf.io.decode_png(data, channels=3)[window[0]:window[0] + window[2],
+                                                              window[1]:window[1] + window[3]])
+
+  return Source(num_classes=len(classes), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                num_examples=lambda split: len(files[split]), read=read, shape=shape, crop=crop,
+                classes=tuple(classes))
+
+
 def get_source(dataset: str, data_dir: str = "", splits=("train", "validation")) -> Source:
-  """"fashion_mnist" reads the local IDX files; any other name is a locally prepared TFDS dataset whose
-  ``splits`` must be readable."""
-  return fashion_mnist_source(data_dir) if dataset == "fashion_mnist" else tfds_source(dataset, data_dir, splits)
+  """"fashion_mnist" reads the local IDX files; "folder" an image folder (``folder_source``); any other name is a
+  locally prepared TFDS dataset whose ``splits`` must be readable."""
+  if dataset == "fashion_mnist":
+    return fashion_mnist_source(data_dir)
+  if dataset == "folder":
+    if not data_dir:
+      raise DatasetError("the folder dataset needs --config.data_dir=<root> holding <split>/<class>/<image>.")
+    return folder_source(data_dir, splits)
+  return tfds_source(dataset, data_dir, splits)
 
 
 # --------------------------------------------------------------------------- Shared preprocessing.
@@ -242,10 +387,7 @@ def train_dataset(source: Source, config, local_batch_size: int, seed: int, star
   ds = ds.map(lambda ex, p: preprocess_train(source, ex, tf.stack([tf.constant(seed, tf.int64), p]), config),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.private_threadpool_size = 2
-  return ds.with_options(options).prefetch(2)
+  return _with_threads(ds, config.input_threads).prefetch(2)
 
 
 def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict]:
@@ -260,7 +402,7 @@ def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict
   if config.steps_per_eval > 0:
     num_batches = min(num_batches, config.steps_per_eval)
   ds = ds.map(lambda ex: preprocess_eval(source, ex, config), num_parallel_calls=tf.data.AUTOTUNE)
-  it = iter(ds.batch(local_batch_size).prefetch(2).as_numpy_iterator())
+  it = iter(_with_threads(ds.batch(local_batch_size), config.input_threads).prefetch(2).as_numpy_iterator())
   for _ in range(num_batches):
     batch = next(it, None)
     size = eval_image_size(config)

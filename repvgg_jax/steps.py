@@ -6,13 +6,14 @@ synchronized over the same axis, so N devices compute exactly one step on the wh
 needs TensorFlow (the bench and accelerator images use these without it).
 """
 
+import collections
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import jax_utils
 from flax.training import train_state
 from jax import lax
 
@@ -60,11 +61,20 @@ def weight_decay_schedule(config, num_steps: int) -> optax.Schedule:
                                      alpha=config.final_weight_decay / config.weight_decay)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def create_optimizer(config, learning_rate: optax.Schedule,
                      weight_decay: optax.Schedule) -> optax.GradientTransformation:
-  # PyTorch's SGD adds the decay to the gradient before momentum: so does this order.
-  return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                     optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+  """``config.optimizer``: "sgd", the official recipe (the decay joins the gradient before momentum, as in
+  PyTorch's SGD), or "adamw" (decoupled decay, scaled by the learning rate, optax's default betas). Both decay
+  the leaves of ``weight_decay_mask``."""
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                       optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+  if config.optimizer == "adamw":
+    return optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
+  raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
 
 
 def smoothed_targets(labels, num_classes: int, smoothing: float):
@@ -143,10 +153,37 @@ def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState
                            batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng), ema=ema)
 
 
+def device_sharding(devices=None) -> jax.NamedSharding:
+  """The layout of ``pmap(axis_name=AXIS)``'s inputs and outputs: the leading axis over the local devices. Inputs
+  placed so are neither resharded nor a cause of a second compilation when the step meets its own output."""
+  devices = jax.local_devices() if devices is None else devices
+  return jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS))
+
+
 def replicate(tree, devices=None):
-  """One copy per device, laid out as ``pmap(axis_name=AXIS)`` outputs are, so that a pmapped step is compiled
-  once, not a second time when it first receives its own output (a different mesh)."""
-  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(jax_utils.replicate(tree, devices))
+  """One copy per device, in ``device_sharding``."""
+  count = len(jax.local_devices() if devices is None else devices)
+  return jax.device_put(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count,) + np.shape(x)), tree),
+                        device_sharding(devices))
+
+
+def unreplicate(tree):
+  """The first local device's copy of a replicated tree, as host numpy. pmap's arrays are shards of one global
+  array (pmap runs on shard_map in JAX 0.10 and 0.12), where ``x[0]`` would compile and run a gather per leaf."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
+
+
+def prefetch_to_device(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+  """Keeps ``size`` sharded batches on their way to the local devices, each copied once, host to device, in
+  pmap's own layout. (flax's ``jax_utils.prefetch_to_device`` first re-stacks every batch on the host: a
+  256x224x224x3 float32 batch took 117 ms there on this project's 2-core machine, 4x an H200's A0 step.)"""
+  sharding = device_sharding()
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) == size:
+      yield queue.popleft()
+  yield from queue
 
 
 def shard(batch: dict) -> dict:

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import jax_utils
 
 from repvgg_jax import checkpoints, export, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
-from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, TrainState, create_optimizer, create_train_state, eval_step,
-                              learning_rate_schedule, replicate, shard, train_step, weight_decay_schedule)
+from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, create_optimizer, create_train_state,
+                              eval_step, learning_rate_schedule, prefetch_to_device, replicate, shard, train_step,
+                              unreplicate, weight_decay_schedule)
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,10 @@ def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[It
   unknown = sorted(set(config.keys()) - set(known_fields)) if known_fields is not None else []
   if unknown:
     raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for the fields.")
+  if config.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}.")
+  if config.input_threads < 0:
+    raise ConfigError(f"input_threads must be >= 0 (0 = follow the host); got {config.input_threads}.")
   if config.batch_size <= 0:
     raise ConfigError(f"batch_size must be positive; got {config.batch_size}.")
   if config.batch_size % jax.device_count():
@@ -101,7 +105,7 @@ def evaluate(p_eval_step, variables, batches) -> dict:
   for batch in batches:
     sums = p_eval_step(variables, shard(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
+  totals = jax.tree.map(float, unreplicate(totals))
   count = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": totals["count"]}
 
@@ -172,6 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
   _setup_logging()
   validate_config(config, known_fields)
+  logging.info("Input pipeline: %d threads on %d usable cores (%s backend).",
+               input_pipeline.configure_host(config.input_threads), input_pipeline.usable_cores(),
+               jax.default_backend())
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
   image_shape = (config.image_size, config.image_size, source.channels)
@@ -202,8 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             axis_name=AXIS, donate_argnums=(0,))
     p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
     local_batch = config.batch_size // jax.process_count()
-    train_iter = jax_utils.prefetch_to_device(
-        train_batches(source, config, local_batch, start_step, num_steps, steps_per_epoch), 2)
+    train_iter = prefetch_to_device(train_batches(source, config, local_batch, start_step, num_steps, steps_per_epoch))
     writer = MetricWriter(workdir)
     eval_metrics, pending, window_start = None, [], time.time()
 
@@ -212,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       nonlocal pending, window_start
       if not pending:
         return
-      history = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending])
+      history = unreplicate(pending)
       healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
       if not healthy.all():
         bad = step - len(pending) + 1 + int(np.argmin(healthy))
@@ -229,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending, window_start = [], time.time()
 
     def save(step, accuracy=None):
-      checkpoints.save(manager, step, jax.device_get(jax_utils.unreplicate(state)), record, accuracy)
+      checkpoints.save(manager, step, unreplicate(state), record, accuracy)
 
     with preemption.StopRequests() as stop:
       for step in range(start_step + 1, num_steps + 1):
@@ -255,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           path = os.path.join(str(manager.directory), str(step))
           logging.warning("Preempted at step %d; checkpoint saved to %s", step, path)
           raise preemption.Preempted(step, path, stop.exit_status)
-    return finish(config, workdir, source, jax_utils.unreplicate(state), eval_metrics, writer)
+    return finish(config, workdir, source, unreplicate(state), eval_metrics, writer)
 
 
 def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:

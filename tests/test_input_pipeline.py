@@ -16,6 +16,22 @@ def _config(data_dir, **overrides):
   return config
 
 
+@pytest.mark.parametrize("backend, cores, cap, threads", [
+    ("gpu", 96, 0, 96), ("tpu", 240, 0, 240),      # beside an accelerator: every usable core decodes
+    ("cpu", 96, 0, 48), ("cpu", 2, 0, 2), ("cpu", 1, 0, 2),  # JAX on the CPU keeps half for XLA
+    ("gpu", 96, 16, 16), ("cpu", 96, 64, 48),      # input_threads caps, never raises
+])
+def test_decoding_threads_follow_the_host(backend, cores, cap, threads):
+  assert ip.input_threads(cap, backend=backend, cores=cores) == threads
+
+
+def test_both_pipelines_run_on_the_hosts_share_of_threads(fmnist_dir):
+  source, config = ip.get_source("fashion_mnist", fmnist_dir), _config(fmnist_dir, input_threads=3)
+  options = ip.train_dataset(source, config, 8, seed=0).options()
+  assert options.threading.private_threadpool_size == min(3, ip.input_threads())
+  assert ip.usable_cores() >= 1
+
+
 def test_read_idx_round_trips(tmp_path):
   array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
   write_idx(str(tmp_path / "a.gz"), array)

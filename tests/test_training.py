@@ -115,6 +115,55 @@ def test_the_optimizer_decays_weights_by_the_schedule_of_the_step():
   assert float(second["conv"]["kernel"][0]) == pytest.approx(-0.2)
 
 
+def test_adamw_decays_the_masked_leaves_by_learning_rate_times_decay_and_sgd_stays_the_recipe():
+  config = default.get_config()
+  config.optimizer = "adamw"
+  params = {"conv": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}}
+  optimizer = steps.create_optimizer(config, optax.constant_schedule(0.5), optax.constant_schedule(0.1))
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  update, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+  assert float(update["conv"]["kernel"][0]) == pytest.approx(-0.05)  # Decoupled: -lr * decay * weight.
+  assert float(update["conv"]["bias"][0]) == 0.0  # The recipe's mask: no decay on biases.
+  grads = {"conv": {"kernel": jnp.full(3, 1e-3), "bias": jnp.full(3, -4.0)}}
+  update, _ = optimizer.update(grads, optimizer.init(params), params)
+  assert float(update["conv"]["bias"][0]) == pytest.approx(0.5, rel=1e-4)  # Adam's first step: lr * sign.
+  config.optimizer = "sgd"
+  sgd = steps.create_optimizer(config, optax.constant_schedule(0.5), optax.constant_schedule(0.0))
+  sgd_update, _ = sgd.update(grads, sgd.init(params), params)
+  assert float(sgd_update["conv"]["bias"][0]) == pytest.approx(3.8)  # Nesterov's first step: lr * 1.9 * -grad.
+
+
+def test_every_field_of_the_recipe_is_read_by_the_library():
+  """A config field nothing reads would be a setting that silently does nothing."""
+  import ast  # pylint: disable=g-import-not-at-top
+  sources = [os.path.join(ROOT, "train.py")] + [os.path.join(ROOT, "repvgg_jax", f)
+                                                for f in os.listdir(os.path.join(ROOT, "repvgg_jax"))
+                                                if f.endswith(".py")]
+  read = set()
+  for path in sources:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    read |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and isinstance(node.ctx, ast.Load)}
+  config = default.get_config()
+  unread = sorted(set(config.keys()) - read - {"model_overrides"})
+  assert not unread, f"config fields no library code reads: {unread}"
+
+
+def test_model_overrides_offer_every_override_create_model_accepts():
+  from repvgg_jax import models  # pylint: disable=g-import-not-at-top
+  accepted = set().union(*(models._overridable(network) for network in models._NETWORKS.values()))  # pylint: disable=protected-access
+  offered = set(default.get_config().model_overrides.keys())
+  # The loop sets the axis of its own pmap; the name says QARepVGG (quantization_friendly).
+  assert offered == accepted - {"bn_axis_name", "quantization_friendly"}
+  config = quickstart.get_config()
+  config.model = "RepVGGplus-L2pse"
+  config.model_overrides.use_post_se = False
+  config.model_overrides.bn_epsilon = 1e-3
+  model = training.model_from_config(config, num_classes=10)
+  assert (model.use_post_se, model.bn_epsilon) == (False, 1e-3)
+
+
 def test_a_step_moves_the_moving_average_towards_the_new_weights_and_statistics():
   config = quickstart.get_config()
   config.model_overrides.num_blocks = (1, 1, 1, 1)
@@ -180,6 +229,8 @@ _real_finish = training.finish
     ("progressive_learning", ((1, 16, 0.0),), "progressive_learning must be"),
     ("progressive_learning", ((0, 16, 0.0), (0, 24, 0.0)), "increasing epochs"),
     ("progressive_learning", ((0, 16),), "progressive_learning must be"),
+    ("optimizer", "lamb", "optimizer must be one of sgd, adamw; got 'lamb'"),
+    ("input_threads", -1, "input_threads must be >= 0"),
 ])
 def test_impossible_recipe_settings_are_refused(field, value, message):
   config = quickstart.get_config()
