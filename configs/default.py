@@ -25,7 +25,8 @@ def get_config():
   })
   config.half_precision = False              # bf16 compute; params and BN statistics stay float32
   # Data.
-  config.dataset = "imagenet2012"            # a TFDS name, or "fashion_mnist" (local IDX files)
+  config.dataset = "imagenet2012"            # a TFDS name, "fashion_mnist" (local IDX files) or "folder"
+                                             # (data_dir/<split>/<class>/<image>, JPEG or PNG)
   config.data_dir = ""                       # TFDS data_dir / IDX folder; "" = the library default
   config.train_split = "train"
   config.eval_split = "validation"

@@ -20,6 +20,7 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 STATE, META = "state", "meta"
+CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
 DAMAGED = "checkpoints_damaged"  # Beside ``checkpoints``: orbax must not see set-aside steps as its own.
 FREE_SPACE_FACTOR = 2  # A save writes the new checkpoint before the policy deletes an old one.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <path><TMP_SUFFIX>... and renames it to <path> when whole.
@@ -38,7 +39,7 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: the partial write of a save a kill -9 interrupted is removed at the next start.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), options=options,
                                item_names=(STATE, META))
 
 

@@ -136,11 +136,15 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
 
 
 def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str = AXIS) -> dict:
-  """Sums over all devices of correct predictions, cross-entropy and real examples (``mask``) in a batch."""
+  """Sums over all devices of correct top-1 and top-5 predictions (top-k with k = min(5, classes)),
+  cross-entropy and real examples (``mask``) in a batch."""
   logits = apply_fn(variables, batch["image"], train=False)
   mask = batch["mask"]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  in_top5 = jnp.any(top5 == batch["label"][:, None], axis=-1)
   return lax.psum({"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+                   "correct_top5": jnp.sum(in_top5 * mask),
                    "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}, axis_name)
 
 

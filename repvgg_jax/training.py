@@ -24,6 +24,9 @@ from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, cre
                               unreplicate, weight_decay_schedule)
 
 
+LABELS_FILE = "labels.txt"  # The class names of the run's labels, one per line in label order.
+
+
 class ConfigError(ValueError):
   """A mistake in the configuration or the workdir, found before anything is compiled."""
 
@@ -107,7 +110,8 @@ def evaluate(p_eval_step, variables, batches) -> dict:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.tree.map(float, unreplicate(totals))
   count = max(totals["count"], 1.0)
-  return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": totals["count"]}
+  return {"accuracy": totals["correct"] / count, "top5_accuracy": totals["correct_top5"] / count,
+          "loss": totals["loss"] / count, "count": totals["count"]}
 
 
 def train_batches(source, config, local_batch: int, start_step: int, num_steps: int, steps_per_epoch: int):
@@ -181,6 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                jax.default_backend())
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
+  if source.classes and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+      f.write("".join(f"{name}\n" for name in source.classes))
   image_shape = (config.image_size, config.image_size, source.channels)
   steps_per_epoch = source.num_examples(config.train_split) // config.batch_size
   if steps_per_epoch == 0:
@@ -248,7 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           flush(step)
           eval_metrics = evaluate(p_eval_step, state.eval_variables(),
                                   input_pipeline.eval_batches(source, config, local_batch))
-          logging.info("step %d eval accuracy %.4f loss %.4f", step, eval_metrics["accuracy"], eval_metrics["loss"])
+          logging.info("step %d eval accuracy %.4f top-5 %.4f loss %.4f", step, eval_metrics["accuracy"],
+                       eval_metrics["top5_accuracy"], eval_metrics["loss"])
           writer.write(step, "eval", eval_metrics)
         if evaluated or step % config.checkpoint_every_steps == 0:
           flush(step)
@@ -285,12 +294,13 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"])
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
-               "form %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
-               deploy_metrics["accuracy"], deploy_metrics["count"], os.path.join(workdir, "deploy"))
-  writer.write(step, "deploy", {"accuracy": deploy_metrics["accuracy"], "loss": deploy_metrics["loss"],
-                                "count": deploy_metrics["count"], "train_form_accuracy": train_accuracy,
+               "form %.4f, top-5 %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
+               deploy_metrics["accuracy"], deploy_metrics["top5_accuracy"], deploy_metrics["count"],
+               os.path.join(workdir, "deploy"))
+  writer.write(step, "deploy", {**deploy_metrics, "train_form_accuracy": train_accuracy,
                                 "max_relative_error": max_rel_error})
   return {"step": step, "train_form_accuracy": train_accuracy, "deploy_accuracy": deploy_metrics["accuracy"],
+          "deploy_top5_accuracy": deploy_metrics["top5_accuracy"],
           "max_relative_error": max_rel_error, "onnx_relative_error": onnx_error}
 
 

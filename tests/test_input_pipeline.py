@@ -153,3 +153,68 @@ def test_resuming_deep_into_an_epoch_does_not_decode_the_examples_it_skips(fmnis
   config = _config(fmnist_dir, cache=False)
   next(ip.train_dataset(counted, config, 8, seed=0, start_step=30).as_numpy_iterator())  # 240 examples in.
   assert 8 <= len(crops) < 100
+
+
+# --------------------------------------------------------------------------- Image folders.
+
+def write_image_folder(root, layout, size=(40, 30)):
+  """layout: {split: {class: [mode, ...]}}, one image per mode ("L" grey JPEG, "RGB" JPEG, "RGBA" PNG, "P" PNG),
+  each of another size, so that crops and resizing are exercised."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, classes in layout.items():
+    for name, modes in classes.items():
+      folder = root / split / name
+      folder.mkdir(parents=True, exist_ok=True)
+      for i, mode in enumerate(modes):
+        w, h = size[0] + 7 * i, size[1] + 3 * i
+        image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).convert(mode)
+        image.save(folder / f"{i}.{'png' if mode in ('RGBA', 'P') else 'jpg'}")
+  return str(root)
+
+
+def _folder_config(root, **overrides):
+  return _config(root, dataset="folder", train_split="train", eval_split="val", image_size=16, **overrides)
+
+
+def test_an_image_folder_gives_sorted_classes_and_rgb_images_of_any_size_and_mode(tmp_path):
+  root = write_image_folder(tmp_path, {"train": {"dog": ["RGB", "L"], "cat": ["RGBA", "P", "RGB"]},
+                                       "val": {"cat": ["L"], "dog": ["RGBA"]}})
+  source = ip.get_source("folder", root, ("train", "val"))
+  assert source.classes == ("cat", "dog") and source.num_classes == 2 and source.channels == 3
+  assert (source.num_examples("train"), source.num_examples("val")) == (5, 2)
+  config = _folder_config(root)
+  batch = next(ip.train_dataset(source, config, 5, seed=0).as_numpy_iterator())
+  assert batch["image"].shape == (5, 16, 16, 3) and sorted(batch["label"]) == [0, 0, 0, 1, 1]
+  evaluated = list(ip.eval_batches(source, config, 4))
+  assert evaluated[0]["image"].shape == (4, 16, 16, 3) and list(evaluated[0]["label"][:2]) == [0, 1]
+  assert evaluated[0]["mask"].tolist() == [1, 1, 0, 0]
+
+
+def test_a_png_shape_is_read_from_its_header_as_decoding_gives_it(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  root = write_image_folder(tmp_path, {"train": {"a": ["RGBA", "P", "RGBA"]}}, size=(300, 17))
+  for path, _ in ip.list_image_folder(root, ("train",))[1]["train"]:
+    data = tf.io.read_file(path)
+    assert ip._png_shape(data).numpy().tolist() == list(tf.io.decode_png(data, channels=3).shape)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda r: write_image_folder(r, {"train": {"a": ["RGB"]}}), r"val is missing"),
+    (lambda r: write_image_folder(r, {"train": {"a": ["RGB"]}, "val": {"a": ["RGB"], "b": ["RGB"]}}),
+     r"classes the training split .* lacks: \['b'\]"),
+    (lambda r: (write_image_folder(r, {"train": {"a": ["RGB"]}, "val": {"a": ["RGB"]}}),
+                (r / "train" / "empty").mkdir()), r"train/empty holds no .jpg/.jpeg/.png images"),
+    (lambda r: ((r / "train").mkdir(), (r / "val").mkdir()), r"train has no class folders"),
+    (lambda r: (write_image_folder(r, {"train": {"a": ["RGB"]}, "val": {"a": ["RGB"]}}),
+                (r / "train" / "a" / "notes.jpg").write_text("not an image")), r"notes.jpg is not a JPEG or PNG"),
+])
+def test_a_bad_image_folder_is_one_clear_error(tmp_path, make, message):
+  make(tmp_path)
+  with pytest.raises(ip.DatasetError, match=message):
+    ip.get_source("folder", str(tmp_path), ("train", "val"))
+
+
+def test_the_folder_dataset_needs_a_data_dir():
+  with pytest.raises(ip.DatasetError, match="needs --config.data_dir"):
+    ip.get_source("folder", "", ("train", "val"))

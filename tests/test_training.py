@@ -338,6 +338,21 @@ def test_a_run_ends_with_a_verified_evaluated_deploy_model(trained_workdir):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
 
 
+def test_evaluation_counts_top1_and_top5_over_real_examples_only():
+  logits = np.tile(np.arange(10, dtype=np.float32), (4, 1))  # Class 9 first, then 8, 7, 6, 5: the top five.
+  batch = {"image": logits, "label": np.array([9, 5, 4, 7], np.int32), "mask": np.array([1, 1, 1, 0], np.float32)}
+  step = jax.pmap(functools.partial(steps.eval_step, lambda variables, x, train: x), axis_name=steps.AXIS)
+  sums = jax.tree.map(float, steps.unreplicate(step(steps.replicate({}), steps.shard(batch))))
+  assert (sums["correct"], sums["correct_top5"], sums["count"]) == (1.0, 2.0, 3.0)
+
+
+def test_the_deploy_line_reports_top5_beside_top1(trained_workdir):
+  workdir, result = trained_workdir
+  deploy = next(line for line in read_metrics(workdir) if line["split"] == "deploy")
+  assert deploy["accuracy"] <= deploy["top5_accuracy"] == result["deploy_top5_accuracy"] <= 1.0
+  assert all("top5_accuracy" in line for line in read_metrics(workdir) if line["split"] == "eval")
+
+
 def test_deploy_params_are_saved_and_load_into_the_deploy_model(trained_workdir, fmnist_dir):
   workdir, result = trained_workdir
   params = checkpoints.load_tree(os.path.join(workdir, "deploy"))
