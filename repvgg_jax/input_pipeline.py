@@ -205,13 +205,12 @@ def tfds_source(name: str, data_dir: str = "", splits=("train", "validation")) -
 # --------------------------------------------------------------------------- Image folders.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png"}
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG"  # How every JPEG and PNG file starts.
 
 
-def _image_kind(path: str) -> Optional[str]:
+def _starts_as_an_image(path: str) -> bool:
   with open(path, "rb") as f:
-    head = f.read(4)
-  return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    return f.read(4).startswith((JPEG_MAGIC, PNG_MAGIC))
 
 
 def list_image_folder(data_dir: str, splits) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
@@ -219,7 +218,8 @@ def list_image_folder(data_dir: str, splits) -> tuple[list[str], dict[str, list[
 
   Classes are the sorted folder names of the first split (training); every file of a JPEG or PNG extension
   must start as a JPEG or PNG does (its first bytes are read, not the whole file). Raises DatasetError for a
-  missing split, a class folder without images, an eval class the training split lacks, or a non-image file.
+  missing split, a split or class folder without images, an eval class the training split lacks, or a non-image
+  file.
   """
   if not os.path.isdir(data_dir):
     raise DatasetError(f"data_dir {data_dir!r} is not a folder; the folder dataset reads "
@@ -249,24 +249,26 @@ def list_image_folder(data_dir: str, splits) -> tuple[list[str], dict[str, list[
       if not images:
         raise DatasetError(f"class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
       files[split] += [(os.path.join(folder, f), label) for f in images]
+    if not files[split]:
+      raise DatasetError(f"{os.path.join(data_dir, split)} holds no images (<class>/<image>).")
   with concurrent.futures.ThreadPoolExecutor(32) as pool:  # Header reads wait on the disk, not the CPU.
     paths = [path for split in splits for path, _ in files[split]]
-    for path, kind in zip(paths, pool.map(_image_kind, paths)):
-      if kind is None:
+    for path, is_image in zip(paths, pool.map(_starts_as_an_image, paths)):
+      if not is_image:
         raise DatasetError(f"{path} is not a JPEG or PNG image (its first bytes say otherwise); remove or "
                            "replace it.")
   return classes, files
 
 
 def _png_shape(data):
-  """(H, W) from a PNG's IHDR chunk (big-endian width at bytes 16-19, height at 20-23)."""
+  """(H, W, 3) from a PNG's IHDR chunk (big-endian width at bytes 16-19, height at 20-23)."""
   size = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int32)
   width, height = (size[0 + i] * 2**24 + size[1 + i] * 2**16 + size[2 + i] * 2**8 + size[3 + i] for i in (0, 4))
   return tf.stack([height, width, 3])
 
 
 def _is_jpeg(data):
-  return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+  return tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
 
 
 def folder_source(data_dir: str, splits=("train", "validation")) -> Source:

@@ -185,10 +185,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                jax.default_backend())
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   model = model_from_config(config, source.num_classes)
-  if source.classes and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, LABELS_FILE), "w") as f:
-      f.write("".join(f"{name}\n" for name in source.classes))
   image_shape = (config.image_size, config.image_size, source.channels)
   steps_per_epoch = source.num_examples(config.train_split) // config.batch_size
   if steps_per_epoch == 0:
@@ -201,6 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state = jax.eval_shape(init)
   checkpoints.check_workdir(workdir, checkpoints.tree_bytes(abstract_state))
   with workdir_lock.hold(workdir):  # Before any checkpoint is read or written.
+    if source.classes and jax.process_index() == 0:  # Inside the lock: a refused run must not rewrite them.
+      with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+        f.write("".join(f"{name}\n" for name in source.classes))
     record = run_record(config, source.num_classes, image_shape, abstract_state)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)

@@ -206,6 +206,7 @@ def test_a_png_shape_is_read_from_its_header_as_decoding_gives_it(tmp_path):
     (lambda r: (write_image_folder(r, {"train": {"a": ["RGB"]}, "val": {"a": ["RGB"]}}),
                 (r / "train" / "empty").mkdir()), r"train/empty holds no .jpg/.jpeg/.png images"),
     (lambda r: ((r / "train").mkdir(), (r / "val").mkdir()), r"train has no class folders"),
+    (lambda r: (write_image_folder(r, {"train": {"a": ["RGB"]}}), (r / "val").mkdir()), r"val holds no images"),
     (lambda r: (write_image_folder(r, {"train": {"a": ["RGB"]}, "val": {"a": ["RGB"]}}),
                 (r / "train" / "a" / "notes.jpg").write_text("not an image")), r"notes.jpg is not a JPEG or PNG"),
 ])
