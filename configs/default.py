@@ -23,6 +23,14 @@ def get_config():
       "bn_momentum": placeholder(float),       # every BatchNorm (Flax terms: 0.9 = PyTorch's 0.1)
       "bn_epsilon": placeholder(float),        # every BatchNorm; reparam folds with the same one
   })
+  # Initial weights (fine-tuning); a run resuming from its own checkpoint ignores them.
+  config.init_from = ""                      # "" = random; a .pth / .safetensors file (official, timm or apple
+                                             # naming, training form), an orbax tree (convert --out's train/) or
+                                             # a finished run's workdir (its evaluated weights: the EMA if kept)
+  config.init_exclude = ()                   # regular expressions over parameter paths re-initialized instead
+                                             # (the classifier is, by itself, when the class counts differ)
+  config.freeze = ()                         # regular expressions over parameter paths that get no update (and
+                                             # frozen BNs keep their statistics); linear probe: ("^(?!linear/)",)
   config.half_precision = False              # bf16 compute; params and BN statistics stay float32
   # Data.
   config.dataset = "imagenet2012"            # a TFDS name, "fashion_mnist" (local IDX files) or "folder"

@@ -21,9 +21,10 @@ from absl import app, flags
 
 from repvgg_jax import checkpoints, cli, export
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
+from repvgg_jax.weights import NEEDS_TORCH, load_orbax, load_pth
 
 flags.DEFINE_string("model", None, "Official variant name, e.g. RepVGG-A0.")
 flags.DEFINE_string("pth", None, "PyTorch checkpoint (.pth, .pt) or .safetensors file to read (official or timm "
@@ -35,18 +36,6 @@ flags.DEFINE_string("to_onnx", None, "ONNX file of the plain model to write from
 flags.DEFINE_enum("naming", "official", ["official", "timm"], "Key naming of the written .pth.")
 flags.DEFINE_integer("num_classes", None, "Expected head size; default: read from the checkpoint.")
 FLAGS = flags.FLAGS
-
-
-NEEDS_TORCH = ("a .pth file needs torch (pip install 'repvgg-jax[torch]'); .safetensors files need no torch "
-               "(timm's hub files are .safetensors).")
-
-
-def unwrap_state_dict(obj) -> dict:
-  """A .pth holds a state_dict, or a training checkpoint {'state_dict'|'model': state_dict, ...}."""
-  for key in ("state_dict", "model"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      return obj[key]
-  return obj
 
 
 VERIFY_SHAPE = (2, 64, 64, 3)  # Random images on which a converted training-time model must equal its fusion.
@@ -63,58 +52,6 @@ def _deploy_params(model: str, variables: dict) -> dict:
                             jax.random.normal(jax.random.key(0), VERIFY_SHAPE))
   print(f"verified: the fused model equals the training-time model to {error:.1e} of the largest logit")
   return deploy_params
-
-
-def _read_state_dict(path: str) -> dict:
-  """The state_dict in a .safetensors file (numpy, no torch) or a .pth/.pt file (torch)."""
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top
-  return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def load_pth(model: str, pth: str, num_classes=None) -> dict:
-  """A .pth or .safetensors file's weights as Flax variables ({'params'[, 'batch_stats']}); a file that cannot be
-  read, or weights of another model, raise ``cli.UserError``."""
-  if not os.path.isfile(pth):
-    raise cli.UserError(f"--pth={pth}: no such file.")
-  try:
-    state_dict = _read_state_dict(pth)
-  except ImportError as e:
-    raise cli.UserError(f"--pth={pth}: {NEEDS_TORCH}") from e
-  except Exception as e:  # pylint: disable=broad-except  # Whatever the reader fails on, the file is the cause.
-    reason = cli.one_line(e).split(". ")[0][:200]
-    kind = "safetensors" if pth.endswith(".safetensors") else "PyTorch checkpoint torch can read"
-    raise cli.UserError(f"--pth={pth} is not a {kind} ({reason}); is the download complete, and is it a "
-                        ".pth/.pt or .safetensors file?") from e
-  try:
-    return load_pytorch_state_dict(state_dict, model, num_classes=num_classes)
-  except ValueError as e:
-    raise cli.UserError(f"--pth={pth}: {e}") from e
-
-
-def load_orbax(model: str, orbax_path: str) -> dict:
-  """An orbax tree (training-time variables or deploy params) of ``model`` as Flax variables; a folder that is not
-  such a checkpoint raises ``cli.UserError``."""
-  if not os.path.isdir(orbax_path):
-    raise cli.UserError(f"--orbax={orbax_path}: no such folder; give the folder train.py or --out wrote (e.g. "
-                        "<workdir>/deploy).")
-  try:
-    tree = checkpoints.load_tree(orbax_path)
-  except Exception as e:  # pylint: disable=broad-except  # orbax's errors for a folder it cannot read vary.
-    raise cli.UserError(f"--orbax={orbax_path} is not an orbax checkpoint ({cli.one_line(e)[:200]}); give the "
-                        "folder train.py or --out wrote (e.g. <workdir>/deploy).") from e
-  variables = tree if "params" in tree else {"params": tree}
-  try:
-    classes = variables["params"]["linear"]["kernel"].shape[-1]
-    stem = jax.tree_util.tree_flatten_with_path(variables["params"]["stage0"])[0]
-    channels = next(leaf.shape[2] for path, leaf in stem if path[-1].key == "kernel")  # (kh, kw, image channels, out)
-    check_variables(create_model(model, num_classes=classes, deploy="batch_stats" not in variables), variables,
-                    channels)
-  except (KeyError, TypeError, ValueError, StopIteration) as e:
-    raise cli.UserError(f"--orbax={orbax_path} holds no {model} weights: {cli.one_line(e)}") from e
-  return variables
 
 
 def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:

@@ -8,7 +8,7 @@ one convolution with a bias per block (``rbr_reparam``), SE where the variant ha
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,10 +42,13 @@ class Conv(nn.Module):
     return y if bias is None else add_bias(y, bias)
 
 
-def _batch_norm(module: nn.Module, train: bool, name: str) -> nn.BatchNorm:
-  """A BatchNorm configured from ``module``'s bn_* and dtype fields; created inside its compact call."""
-  return nn.BatchNorm(use_running_average=not train, momentum=module.bn_momentum, epsilon=module.bn_epsilon,
-                      axis_name=module.bn_axis_name, dtype=module.dtype, name=name)
+def _batch_norm(module: nn.Module, train: bool, name: str) -> Callable[[jax.Array], jax.Array]:
+  """A BatchNorm configured from ``module``'s bn_* and dtype fields; created inside its compact call. The mode
+  goes with the call, not the constructor, so that a method interceptor can run one layer on its running
+  statistics (``finetune.frozen_batch_norm``)."""
+  return functools.partial(nn.BatchNorm(momentum=module.bn_momentum, epsilon=module.bn_epsilon,
+                                        axis_name=module.bn_axis_name, dtype=module.dtype, name=name),
+                           use_running_average=not train)
 
 
 class ConvBN(nn.Module):

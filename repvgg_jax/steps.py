@@ -7,15 +7,19 @@ needs TensorFlow (the bench and accelerator images use these without it).
 """
 
 import collections
+import contextlib
 import functools
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 from flax.training import train_state
 from jax import lax
+
+from repvgg_jax import finetune
 
 AXIS = "batch"
 
@@ -68,13 +72,15 @@ def create_optimizer(config, learning_rate: optax.Schedule,
                      weight_decay: optax.Schedule) -> optax.GradientTransformation:
   """``config.optimizer``: "sgd", the official recipe (the decay joins the gradient before momentum, as in
   PyTorch's SGD), or "adamw" (decoupled decay, scaled by the learning rate, optax's default betas). Both decay
-  the leaves of ``weight_decay_mask``."""
+  the leaves of ``weight_decay_mask``; the leaves of ``config.freeze`` get no update at all."""
   if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                       optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
-  if config.optimizer == "adamw":
-    return optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
-  raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
+    optimizer = optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                            optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+  elif config.optimizer == "adamw":
+    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
+  else:
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {config.optimizer!r}.")
+  return finetune.freeze(optimizer, config.freeze)
 
 
 def smoothed_targets(labels, num_classes: int, smoothing: float):
@@ -93,8 +99,9 @@ def mixup(rng, images, targets, alpha: float):
 
 def update_ema(ema: dict, variables: dict, decay: float) -> dict:
   """decay * ema + (1 - decay) * variables, leaf by leaf (BatchNorm statistics too, so that the average
-  model is evaluated with statistics that match its weights)."""
-  return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, variables)
+  model is evaluated with statistics that match its weights); written as an increment, so that the average
+  of a leaf that does not change (a frozen one) stays bit-identical to it."""
+  return jax.tree.map(lambda e, v: e + (1 - decay) * (v - e), ema, variables)
 
 
 AUX_LOSS_WEIGHT = 0.1  # RepVGGplus's auxiliary heads (official main.py: 0.1 x each head's loss).
@@ -102,10 +109,11 @@ AUX_LOSS_WEIGHT = 0.1  # RepVGGplus's auxiliary heads (official main.py: 0.1 x e
 
 def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
                label_smoothing: float = 0.0, mixup_alpha: float = 0.0, ema_decay: float = 0.0,
-               aux_loss_weight: float = 0.0, axis_name: str = AXIS):
+               aux_loss_weight: float = 0.0, frozen: tuple[str, ...] = (), axis_name: str = AXIS):
   """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,).
   ``aux_loss_weight`` > 0: the model has auxiliary heads (RepVGGplus), whose losses join the main one so
-  weighted; the reported loss and accuracy stay the main head's."""
+  weighted; the reported loss and accuracy stay the main head's. ``frozen``: ``config.freeze``'s patterns, whose
+  BatchNorms run on their running statistics (``finetune``); the optimizer leaves their parameters alone."""
   images = batch["image"]
   targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
   if mixup_alpha > 0:
@@ -114,6 +122,10 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
+    with nn.intercept_methods(finetune.frozen_batch_norm(frozen)) if frozen else contextlib.nullcontext():
+      return forward(variables)
+
+  def forward(variables):
     if aux_loss_weight > 0:
       (logits, aux), updates = state.apply_fn(variables, images, train=True, return_aux=True, mutable=["batch_stats"])
     else:
@@ -148,10 +160,13 @@ def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str =
                    "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}, axis_name)
 
 
-def create_train_state(rng, config, model, image_shape, optimizer) -> TrainState:
-  """The initial state; with ``config.ema_decay`` > 0, a moving average that starts at the initial variables."""
+def create_train_state(rng, config, model, image_shape, optimizer, pretrained=None) -> TrainState:
+  """The initial state: random, or ``pretrained`` variables merged in (``finetune.initialize_from``); with
+  ``config.ema_decay`` > 0, a moving average that starts at the initial variables."""
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, jnp.zeros((1,) + image_shape))
+  if pretrained is not None:
+    variables = finetune.initialize_from(config, dict(variables), pretrained)
   ema = jax.tree.map(jnp.copy, dict(variables)) if config.ema_decay > 0 else None
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
                            batch_stats=variables["batch_stats"], rng=jax.random.key_data(state_rng), ema=ema)

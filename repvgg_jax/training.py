@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from repvgg_jax import checkpoints, export, input_pipeline, preemption, workdir_lock
+from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
 from repvgg_jax.reparam import reparam
@@ -40,6 +40,10 @@ def validate_config(config: ml_collections.ConfigDict, known_fields: Optional[It
     raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for the fields.")
   if config.optimizer not in OPTIMIZERS:
     raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}.")
+  finetune.compile_patterns("init_exclude", config.init_exclude)
+  finetune.compile_patterns("freeze", config.freeze)
+  if config.init_exclude and not config.init_from:
+    raise ConfigError("init_exclude names weights not to load, but init_from loads none; set init_from.")
   if config.input_threads < 0:
     raise ConfigError(f"input_threads must be >= 0 (0 = follow the host); got {config.input_threads}.")
   if config.batch_size <= 0:
@@ -203,16 +207,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     record = run_record(config, source.num_classes, image_shape, abstract_state)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)
-    state = init() if restored is None else restored[1]
+    if restored is None:
+      state = init(pretrained=_pretrained(config, abstract_state))
+    else:
+      state = restored[1]
+      logging.info("Resumed from step %d%s", state.step, f"; init_from={config.init_from} is ignored: the run "
+                   "continues from its own checkpoint" if config.init_from else "")
     start_step = int(state.step)
-    if restored is not None:
-      logging.info("Resumed from step %d", start_step)
     state = replicate(state)
 
     p_train_step = jax.pmap(functools.partial(train_step, learning_rate=learning_rate,
                                               num_classes=source.num_classes, label_smoothing=config.label_smoothing,
                                               mixup_alpha=config.mixup_alpha, ema_decay=config.ema_decay,
-                                              aux_loss_weight=AUX_LOSS_WEIGHT if model.aux_heads() else 0.0),
+                                              aux_loss_weight=AUX_LOSS_WEIGHT if model.aux_heads() else 0.0,
+                                              frozen=tuple(config.freeze)),
                             axis_name=AXIS, donate_argnums=(0,))
     p_eval_step = jax.pmap(functools.partial(eval_step, model.apply), axis_name=AXIS)
     local_batch = config.batch_size // jax.process_count()
@@ -270,6 +278,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           logging.warning("Preempted at step %d; checkpoint saved to %s", step, path)
           raise preemption.Preempted(step, path, stop.exit_status)
     return finish(config, workdir, source, unreplicate(state), eval_metrics, writer)
+
+
+def _pretrained(config, abstract_state: TrainState) -> Optional[dict]:
+  """``config.init_from``'s variables, checked against the run's shapes before anything is compiled."""
+  if not config.init_from:
+    return None
+  pretrained = finetune.read_pretrained(config)
+  finetune.merge({"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}, pretrained,
+                 config.init_exclude)
+  return pretrained
 
 
 def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:

@@ -121,3 +121,19 @@ def randomize_torch_batchnorms(model, seed: int, scale_range=(0.4, 1.2)):
       module.running_mean.data = torch.randn(n, generator=gen) * 0.1
       module.running_var.data = torch.rand(n, generator=gen) * 1.5 + 0.5
   return model.eval()
+
+
+def write_image_folder(root, layout, size=(40, 30)):
+  """layout: {split: {class: [mode, ...]}}, one image per mode ("L" grey JPEG, "RGB" JPEG, "RGBA" PNG, "P" PNG),
+  each of another size, so that crops and resizing are exercised."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, classes in layout.items():
+    for name, modes in classes.items():
+      folder = root / split / name
+      folder.mkdir(parents=True, exist_ok=True)
+      for i, mode in enumerate(modes):
+        w, h = size[0] + 7 * i, size[1] + 3 * i
+        image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).convert(mode)
+        image.save(folder / f"{i}.{'png' if mode in ('RGBA', 'P') else 'jpg'}")
+  return str(root)

@@ -5,7 +5,7 @@ import pytest
 
 from configs import quickstart
 from repvgg_jax import input_pipeline as ip
-from tests.helpers import write_idx
+from tests.helpers import write_idx, write_image_folder
 
 
 def _config(data_dir, **overrides):
@@ -156,22 +156,6 @@ def test_resuming_deep_into_an_epoch_does_not_decode_the_examples_it_skips(fmnis
 
 
 # --------------------------------------------------------------------------- Image folders.
-
-def write_image_folder(root, layout, size=(40, 30)):
-  """layout: {split: {class: [mode, ...]}}, one image per mode ("L" grey JPEG, "RGB" JPEG, "RGBA" PNG, "P" PNG),
-  each of another size, so that crops and resizing are exercised."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for split, classes in layout.items():
-    for name, modes in classes.items():
-      folder = root / split / name
-      folder.mkdir(parents=True, exist_ok=True)
-      for i, mode in enumerate(modes):
-        w, h = size[0] + 7 * i, size[1] + 3 * i
-        image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).convert(mode)
-        image.save(folder / f"{i}.{'png' if mode in ('RGBA', 'P') else 'jpg'}")
-  return str(root)
-
 
 def _folder_config(root, **overrides):
   return _config(root, dataset="folder", train_split="train", eval_split="val", image_size=16, **overrides)
