@@ -20,11 +20,9 @@ import jax
 from absl import app, flags
 
 from repvgg_jax import checkpoints, cli, export
-from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import create_model
-from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
-from repvgg_jax.weights import NEEDS_TORCH, load_orbax, load_pth
+from repvgg_jax.weights import NEEDS_TORCH, VERIFY_SHAPE, fused, load_orbax, load_pth
 
 flags.DEFINE_string("model", None, "Official variant name, e.g. RepVGG-A0.")
 flags.DEFINE_string("pth", None, "PyTorch checkpoint (.pth, .pt) or .safetensors file to read (official or timm "
@@ -36,22 +34,6 @@ flags.DEFINE_string("to_onnx", None, "ONNX file of the plain model to write from
 flags.DEFINE_enum("naming", "official", ["official", "timm"], "Key naming of the written .pth.")
 flags.DEFINE_integer("num_classes", None, "Expected head size; default: read from the checkpoint.")
 FLAGS = flags.FLAGS
-
-
-VERIFY_SHAPE = (2, 64, 64, 3)  # Random images on which a converted training-time model must equal its fusion.
-
-
-def _deploy_params(model: str, variables: dict) -> dict:
-  """Deploy params of loaded weights: training-time ones are fused and checked (HIGHEST precision) first."""
-  if "batch_stats" not in variables:
-    return variables["params"]
-  deploy_params = reparam(variables["params"], variables["batch_stats"])
-  classes = variables["params"]["linear"]["kernel"].shape[-1]
-  error = check_equivalence(create_model(model, num_classes=classes), variables,
-                            create_model(model, num_classes=classes, deploy=True), deploy_params,
-                            jax.random.normal(jax.random.key(0), VERIFY_SHAPE))
-  print(f"verified: the fused model equals the training-time model to {error:.1e} of the largest logit")
-  return deploy_params
 
 
 def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
@@ -103,7 +85,7 @@ def main(argv):
   variables = load_pth(FLAGS.model, FLAGS.pth, FLAGS.num_classes) if FLAGS.pth else load_orbax(FLAGS.model,
                                                                                                FLAGS.orbax)
   # Fused (and checked) once, for whichever outputs need the plain model.
-  deploy_params = _deploy_params(FLAGS.model, variables) if FLAGS.out or FLAGS.to_onnx else None
+  deploy_params = fused(FLAGS.model, variables) if FLAGS.out or FLAGS.to_onnx else None
   if FLAGS.pth and FLAGS.out:
     for path in write_orbax(variables, deploy_params, FLAGS.out):
       print(f"wrote {path}")

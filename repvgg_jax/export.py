@@ -6,7 +6,8 @@ what onnxruntime, TensorRT, OpenVINO and mobile converters take. Only the plain 
 training-form model or tree, or params of another model, raise ValueError.
 """
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import jax
@@ -192,8 +193,14 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
   return proto
 
 
-def save_onnx(proto, path: str) -> None:
+LABELS_KEY = "labels"  # metadata_props entry: the class names, a JSON list in label order.
+
+
+def save_onnx(proto, path: str, labels: Sequence[str] = ()) -> None:
+  """Writes ``proto``; ``labels`` (the class names) go in its metadata, so the file names what it predicts."""
   import onnx  # pylint: disable=g-import-not-at-top
+  if labels:
+    onnx.helper.set_model_props(proto, {LABELS_KEY: json.dumps(list(labels))})
   onnx.save(proto, path)
 
 
@@ -226,10 +233,10 @@ def check_onnx(proto_or_path, model, params: Mapping, images, rtol: float = equi
   return error
 
 
-def save_checked_onnx(model, params: Mapping, images, path: str) -> float:
+def save_checked_onnx(model, params: Mapping, images, path: str, labels: Sequence[str] = ()) -> float:
   """Exports the plain network, checks onnxruntime against the JAX deploy logits on ``images`` (``check_onnx``)
-  and only then writes ``path``; returns the error. A failed check writes nothing."""
+  and only then writes ``path`` (``save_onnx``); returns the error. A failed check writes nothing."""
   proto = to_onnx(model, params)
   error = check_onnx(proto, model, params, images)
-  save_onnx(proto, path)
+  save_onnx(proto, path, labels)
   return error

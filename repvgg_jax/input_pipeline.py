@@ -36,6 +36,8 @@ FASHION_MNIST_FILES = {
 _FOREVER = 2**62  # Stream positions and epochs are counted in int64.
 _EPOCH_SEED_STRIDE = 1_000_003  # Epoch e of seed s shuffles with s * stride + e: distinct for any e < stride.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
 
@@ -155,7 +157,7 @@ def fashion_mnist_source(data_dir: str = "") -> Source:
 
   return Source(num_classes=10, channels=1, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
                 num_examples=num_examples, read=read, shape=tf.shape,
-                crop=lambda pixels, w: pixels[w[0]:w[0] + w[2], w[1]:w[1] + w[3]])
+                crop=lambda pixels, w: pixels[w[0]:w[0] + w[2], w[1]:w[1] + w[3]], classes=FASHION_MNIST_CLASSES)
 
 
 # --------------------------------------------------------------------------- TFDS (ImageNet and friends).
@@ -198,7 +200,7 @@ def tfds_source(name: str, data_dir: str = "", splits=("train", "validation")) -
     return tf.image.decode_and_crop_jpeg(jpeg, tf.stack(window), channels=channels)
 
   return Source(num_classes=builder.info.features["label"].num_classes, channels=channels, mean=mean, std=std,
-                num_examples=num_examples, read=read,
+                num_examples=num_examples, read=read, classes=tuple(builder.info.features["label"].names),
                 shape=lambda jpeg: tf.image.extract_jpeg_shape(jpeg, output_type=tf.int32), crop=crop)
 
 
@@ -208,7 +210,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG"  # How every JPEG and PNG file starts.
 
 
-def _starts_as_an_image(path: str) -> bool:
+def starts_as_an_image(path: str) -> bool:
+  """Whether the file's first bytes are a JPEG's or a PNG's (its extension aside)."""
   with open(path, "rb") as f:
     return f.read(4).startswith((JPEG_MAGIC, PNG_MAGIC))
 
@@ -253,22 +256,38 @@ def list_image_folder(data_dir: str, splits) -> tuple[list[str], dict[str, list[
       raise DatasetError(f"{os.path.join(data_dir, split)} holds no images (<class>/<image>).")
   with concurrent.futures.ThreadPoolExecutor(32) as pool:  # Header reads wait on the disk, not the CPU.
     paths = [path for split in splits for path, _ in files[split]]
-    for path, is_image in zip(paths, pool.map(_starts_as_an_image, paths)):
+    for path, is_image in zip(paths, pool.map(starts_as_an_image, paths)):
       if not is_image:
         raise DatasetError(f"{path} is not a JPEG or PNG image (its first bytes say otherwise); remove or "
                            "replace it.")
   return classes, files
 
 
-def _png_shape(data):
-  """(H, W, 3) from a PNG's IHDR chunk (big-endian width at bytes 16-19, height at 20-23)."""
+def _png_shape(data, channels: int):
+  """(H, W, channels) from a PNG's IHDR chunk (big-endian width at bytes 16-19, height at 20-23)."""
   size = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int32)
   width, height = (size[0 + i] * 2**24 + size[1 + i] * 2**16 + size[2 + i] * 2**8 + size[3 + i] for i in (0, 4))
-  return tf.stack([height, width, 3])
+  return tf.stack([height, width, channels])
 
 
 def _is_jpeg(data):
   return tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+
+
+def image_file_decoding(channels: int):
+  """(shape, crop) of a JPEG's or PNG's bytes, as ``Source`` has them, decoding to ``channels`` channels (grey
+  and RGBA become RGB for 3). JPEGs take the fused decode-and-crop path."""
+
+  def shape(data):
+    return tf.cond(_is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data, output_type=tf.int32),
+                   lambda: _png_shape(data, channels))
+
+  def crop(data, window):
+    return tf.cond(_is_jpeg(data), lambda: tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=channels),
+                   lambda: tf.io.decode_png(data, channels=channels)[window[0]:window[0] + window[2],
+                                                                     window[1]:window[1] + window[3]])
+
+  return shape, crop
 
 
 def folder_source(data_dir: str, splits=("train", "validation")) -> Source:
@@ -282,15 +301,7 @@ def folder_source(data_dir: str, splits=("train", "validation")) -> Source:
     return ds.map(lambda ex: {"pixels": tf.io.read_file(ex["path"]), "label": ex["label"]},
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  def shape(data):
-    return tf.cond(_is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data, output_type=tf.int32),
-                   lambda: _png_shape(data))
-
-  def crop(data, window):
-    return tf.cond(_is_jpeg(data), lambda: tf.image.decode_and_crop_jpeg(data, tf.stack(window), channels=3),
-                   lambda: tf.io.decode_png(data, channels=3)[window[0]:window[0] + window[2],
-                                                              window[1]:window[1] + window[3]])
-
+  shape, crop = image_file_decoding(3)
   return Source(num_classes=len(classes), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 num_examples=lambda split: len(files[split]), read=read, shape=shape, crop=crop,
                 classes=tuple(classes))
@@ -356,13 +367,24 @@ def preprocess_train(source: Source, example, seed, config):
   return {"image": _normalize(image, source.mean, source.std), "label": example["label"]}
 
 
+def eval_image(pixels, shape, crop, size: int, crop_ratio: float, mean, std):
+  """Raw pixels -> (size, size, C) float32 normalised: the centre crop of ``crop_ratio`` of the short side,
+  resized. ``shape`` and ``crop`` are a ``Source``'s."""
+  window = center_crop_window(shape(pixels), crop_ratio)
+  return _normalize(_resize(crop(pixels, window), size), mean, std)
+
+
 def preprocess_eval(source: Source, example, config):
-  """Raw example -> {"image", "label"}: centre crop of ``eval_crop_ratio`` of the short side, resized to
-  ``eval_image_size(config)``."""
-  window = center_crop_window(source.shape(example["pixels"]), config.eval_crop_ratio)
-  image = source.crop(example["pixels"], window)
-  return {"image": _normalize(_resize(image, eval_image_size(config)), source.mean, source.std),
-          "label": example["label"]}
+  """Raw example -> {"image", "label"}: ``eval_image`` at ``eval_image_size(config)``, ``eval_crop_ratio``."""
+  return {"image": eval_image(example["pixels"], source.shape, source.crop, eval_image_size(config),
+                              config.eval_crop_ratio, source.mean, source.std), "label": example["label"]}
+
+
+def image_files(paths, channels: int, size: int, crop_ratio: float, mean, std) -> np.ndarray:
+  """JPEG / PNG files -> (N, size, size, channels) float32, preprocessed as evaluation does (``eval_image``)."""
+  shape, crop = image_file_decoding(channels)
+  return np.stack([eval_image(tf.io.read_file(path), shape, crop, size, crop_ratio, mean, std).numpy()
+                   for path in paths])
 
 
 def train_dataset(source: Source, config, local_batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:

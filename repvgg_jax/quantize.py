@@ -417,7 +417,7 @@ def main(argv):
     except equivalence.EquivalenceError as e:
       raise cli.UserError(f"deploy_int8.onnx not written: {e}") from e
     path = os.path.join(workdir, "deploy_int8.onnx")
-    export.save_onnx(proto, path)
+    export.save_onnx(proto, path, source.classes)
     session = export.onnx_session(path)
     metrics["onnx_int8"] = eval_accuracy(
         lambda x: session.run(["logits"], {"images": np.asarray(x, np.float32).transpose(0, 3, 1, 2)})[0])

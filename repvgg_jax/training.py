@@ -25,6 +25,7 @@ from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, cre
 
 
 LABELS_FILE = "labels.txt"  # The class names of the run's labels, one per line in label order.
+INFERENCE_FILE = "inference.json"  # What the deploy model needs at inference (``inference_record``).
 
 
 class ConfigError(ValueError):
@@ -308,7 +309,10 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
   checkpoints.save_tree(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
-  onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"])
+  onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"], source.classes)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, INFERENCE_FILE), "w") as f:
+      json.dump(inference_record(config, source), f, indent=1)
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f, top-5 %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
@@ -321,7 +325,16 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
           "max_relative_error": max_rel_error, "onnx_relative_error": onnx_error}
 
 
-def write_onnx(config, workdir: str, deploy_model, deploy_params, images) -> Optional[float]:
+def inference_record(config, source) -> dict:
+  """The deploy model and the eval preprocessing of a finished run, for ``predict``: written last, so that
+  a workdir holding it holds a finished run."""
+  return {"model": config.model, "model_overrides": config.model_overrides.to_dict(),
+          "num_classes": source.num_classes, "channels": source.channels, "mean": list(source.mean),
+          "std": list(source.std), "image_size": input_pipeline.eval_image_size(config),
+          "crop_ratio": config.eval_crop_ratio}
+
+
+def write_onnx(config, workdir: str, deploy_model, deploy_params, images, labels=()) -> Optional[float]:
   """``<workdir>/deploy.onnx`` (config.export_onnx), kept only once onnxruntime reproduces the JAX deploy
   logits on ``images``; returns that error. Without the ``onnx`` extra, one warning line and None."""
   if not config.export_onnx or jax.process_index() != 0:
@@ -332,6 +345,6 @@ def write_onnx(config, workdir: str, deploy_model, deploy_params, images) -> Opt
     logging.warning("deploy.onnx not written: pip install 'repvgg-jax[onnx]' (or set export_onnx=False).")
     return None
   path = os.path.join(workdir, "deploy.onnx")
-  error = export.save_checked_onnx(deploy_model, jax.device_get(deploy_params), images, path)
+  error = export.save_checked_onnx(deploy_model, jax.device_get(deploy_params), images, path, labels)
   logging.info("Exported %s: onnxruntime matches the JAX deploy logits to %.2e.", path, error)
   return error

@@ -12,7 +12,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from repvgg_jax import checkpoints, cli
+from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import load_pytorch_state_dict
 
 NEEDS_TORCH = ("a .pth file needs torch (pip install 'repvgg-jax[torch]'); .safetensors files need no torch "
@@ -115,3 +117,20 @@ def load_any(model: str, path: str, flag: str, **overrides) -> dict:
   if is_workdir(path):
     return load_workdir(model, path, flag=flag, **overrides)
   return load_orbax(model, path, flag=flag, **overrides)
+
+
+VERIFY_SHAPE = (2, 64, 64, 3)  # Random images on which a converted training-time model must equal its fusion.
+
+
+def fused(model: str, variables: dict) -> dict:
+  """Deploy params of loaded weights: training-time ones are fused and checked (HIGHEST precision) first, with
+  one line saying how closely they agree."""
+  if "batch_stats" not in variables:
+    return variables["params"]
+  deploy_params = reparam(variables["params"], variables["batch_stats"])
+  classes = variables["params"]["linear"]["kernel"].shape[-1]
+  error = check_equivalence(create_model(model, num_classes=classes), variables,
+                            create_model(model, num_classes=classes, deploy=True), deploy_params,
+                            jax.random.normal(jax.random.key(0), VERIFY_SHAPE))
+  print(f"verified: the fused model equals the training-time model to {error:.1e} of the largest logit")
+  return deploy_params

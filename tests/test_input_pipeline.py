@@ -180,7 +180,7 @@ def test_a_png_shape_is_read_from_its_header_as_decoding_gives_it(tmp_path):
   root = write_image_folder(tmp_path, {"train": {"a": ["RGBA", "P", "RGBA"]}}, size=(300, 17))
   for path, _ in ip.list_image_folder(root, ("train",))[1]["train"]:
     data = tf.io.read_file(path)
-    assert ip._png_shape(data).numpy().tolist() == list(tf.io.decode_png(data, channels=3).shape)  # pylint: disable=protected-access
+    assert ip._png_shape(data, 3).numpy().tolist() == list(tf.io.decode_png(data, channels=3).shape)  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("make, message", [
