@@ -36,11 +36,19 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False),
   ])
-  # cleanup_tmp_directories: the partial write of a save a kill -9 interrupted is removed at the next start.
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), options=options,
-                               item_names=(STATE, META))
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  # The partial write of a save a kill -9 interrupted, removed here rather than by orbax's
+  # cleanup_tmp_directories: that runs in a thread which close() does not wait for, and which fails the
+  # interpreter's shutdown when a run stops on an error right after it started.
+  _remove_partial_writes(os.path.join(directory, "*"))
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False, create=True)
+  return ocp.CheckpointManager(directory, options=options, item_names=(STATE, META))
+
+
+def reader(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads another run's checkpoints: it creates, cleans and deletes nothing there."""
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+                               options=ocp.CheckpointManagerOptions(read_only=True), item_names=(STATE, META))
 
 
 def tree_bytes(tree: Any) -> int:
@@ -64,6 +72,13 @@ def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
                           "replaced); free some space or use another --workdir.")
 
 
+def _remove_partial_writes(pattern: str) -> None:
+  """Removes orbax's unfinished writes of the paths ``pattern`` (a glob) matches; process 0 only."""
+  if jax.process_index() == 0:
+    for partial in glob.glob(pattern + TMP_SUFFIX + "*"):
+      shutil.rmtree(partial, ignore_errors=True)
+
+
 def _disk_full(error: Optional[BaseException]) -> bool:
   """Whether ``error``, or an error it was raised from, says the disk or the quota is full."""
   while error is not None:
@@ -81,9 +96,7 @@ def _disk_full_is_an_error(path: str):
   except Exception as e:  # pylint: disable=broad-except  # Only a full disk is handled; the rest is re-raised.
     if not _disk_full(e):
       raise
-    if jax.process_index() == 0:
-      for partial in glob.glob(glob.escape(path) + TMP_SUFFIX + "*"):
-        shutil.rmtree(partial, ignore_errors=True)
+    _remove_partial_writes(glob.escape(path))
     raise CheckpointError(f"the disk filled up while writing {path} ({os.strerror(errno.ENOSPC)}); the partial "
                           "write was removed and the checkpoints before it are intact. Free some space and run "
                           "the same command again: it resumes from the newest checkpoint.") from e

@@ -116,13 +116,18 @@ def from_weights(model: str, path: str, image_size: int = 224, crop_ratio: float
                    input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD)
 
 
-def read_images(predictor: Predictor, paths: Sequence[str]) -> np.ndarray:
-  """The images as ``predictor``'s model takes them; a missing file or one that is not an image: UserError."""
+def check_images(paths: Sequence[str]) -> None:
+  """UserError for the first path that is missing or not a JPEG or PNG file."""
   for path in paths:
     if not os.path.isfile(path):
       raise cli.UserError(f"{path}: no such file.")
     if not input_pipeline.starts_as_an_image(path):
       raise cli.UserError(f"{path} is not a JPEG or PNG image (its first bytes say otherwise).")
+
+
+def read_images(predictor: Predictor, paths: Sequence[str]) -> np.ndarray:
+  """The images as ``predictor``'s model takes them; a missing file or one that is not an image: UserError."""
+  check_images(paths)
   try:
     return input_pipeline.image_files(paths, predictor.channels, predictor.image_size, predictor.crop_ratio,
                                       predictor.mean, predictor.std)
@@ -154,6 +159,7 @@ def main(argv):
     raise app.UsageError("Give --workdir (a finished run) or --model with --pth or --orbax (converted weights).")
   if flags_.top_k < 1:
     raise app.UsageError("--top_k must be >= 1.")
+  check_images(images)  # Before any model is read.
   if flags_.workdir:
     if flags_.pth or flags_.orbax:
       raise app.UsageError("--pth and --orbax go with --model, not --workdir.")

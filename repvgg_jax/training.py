@@ -2,6 +2,7 @@
 deploy model. The steps it runs are in ``steps``; the data in ``input_pipeline`` (the only TensorFlow user).
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -201,12 +202,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init = functools.partial(create_train_state, jax.random.key(config.seed), config, model, image_shape, optimizer)
   abstract_state = jax.eval_shape(init)
   checkpoints.check_workdir(workdir, checkpoints.tree_bytes(abstract_state))
-  with workdir_lock.hold(workdir):  # Before any checkpoint is read or written.
+  # The lock before any checkpoint is read or written; the manager closed however the run ends (its background
+  # clean-up must not outlive an error).
+  with workdir_lock.hold(workdir), contextlib.ExitStack() as cleanup:
     if source.classes and jax.process_index() == 0:  # Inside the lock: a refused run must not rewrite them.
       with open(os.path.join(workdir, LABELS_FILE), "w") as f:
         f.write("".join(f"{name}\n" for name in source.classes))
     record = run_record(config, source.num_classes, image_shape, abstract_state)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+    cleanup.callback(manager.close)
     restored = checkpoints.restore_newest_intact(manager, functools.partial(_accept_record, workdir, record), init)
     if restored is None:
       state = init(pretrained=_pretrained(config, abstract_state))

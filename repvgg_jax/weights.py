@@ -93,15 +93,15 @@ def is_workdir(path: str) -> bool:
 def load_workdir(model: str, workdir: str, flag: str = "--workdir", **overrides) -> dict:
   """The evaluated variables of a run's newest checkpoint (its moving average where the run kept one), as
   {'params', 'batch_stats'}; a checkpoint of another model is refused."""
-  manager = checkpoints.checkpoint_manager(workdir)
-  step = manager.latest_step()
-  if step is None:
-    raise cli.UserError(f"{flag}={workdir} holds no checkpoint yet.")
-  try:
-    saved = manager.restore(step, args=ocp.args.Composite(**{checkpoints.STATE: ocp.args.StandardRestore(),
-                                                              checkpoints.META: ocp.args.JsonRestore()}))
-  except Exception as e:  # pylint: disable=broad-except  # orbax's errors for a damaged step vary.
-    raise cli.UserError(f"{flag}={workdir}: its checkpoint {step} does not read ({cli.one_line(e)[:200]}).") from e
+  with checkpoints.reader(workdir) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise cli.UserError(f"{flag}={workdir} holds no checkpoint yet.")
+    try:
+      saved = manager.restore(step, args=ocp.args.Composite(**{checkpoints.STATE: ocp.args.StandardRestore(),
+                                                                checkpoints.META: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except  # orbax's errors for a damaged step vary.
+      raise cli.UserError(f"{flag}={workdir}: its checkpoint {step} does not read ({cli.one_line(e)[:200]}).") from e
   trained = saved[checkpoints.META].get("model")
   if trained != model:
     raise cli.UserError(f"{flag}={workdir} is a run of {trained}, not {model}.")

@@ -19,6 +19,7 @@ from tests.test_training import tiny_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, "train.py", "--config=configs/quickstart.py"]
 CONVERT = [sys.executable, "-m", "repvgg_jax.convert"]
+PREDICT = [sys.executable, "-m", "repvgg_jax.predict"]
 
 
 def _write_pth(path, model):
@@ -39,6 +40,8 @@ def _cases(tmp, fmnist_dir, holder_pid):
   (tmp / "text_folder").mkdir()
   (tmp / "text_folder" / "notes.txt").write_text("not a checkpoint")
   (tmp / "empty").mkdir()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.new("RGB", (8, 8)).save(tmp / "photo.png")
   train = lambda workdir, *flags: TRAIN + [f"--workdir={workdir}", *tiny_flags(fmnist_dir), *flags]
   return {
       # The six inputs the issue found answered with a traceback.
@@ -67,6 +70,17 @@ def _cases(tmp, fmnist_dir, holder_pid):
       "workdir of a live run": (train(tmp / "held"), f"is in use by another run (pid {holder_pid} on host"),
       "quantize without a run": ([sys.executable, "-m", "repvgg_jax.quantize", "--config=configs/quickstart.py",
                                   f"--workdir={tmp}/empty"], "deploy does not exist: quantize a finished run"),
+      "missing init_from": (train(tmp / "w6", f"--config.init_from={tmp}/nope.pth"),
+                            f"init_from={tmp}/nope.pth: no such file"),
+      "init_from of another model": (train(tmp / "w7", f"--config.init_from={a0_pth}"),
+                                     f"init_from={a0_pth}: The state_dict (official naming, training-time) does not match RepVGG-A0"),
+      "freeze matching nothing": (train(tmp / "w8", "--config.freeze=('stgae1',)"),
+                                  "freeze: 'stgae1' matches no parameter path"),
+      "predict a missing image": (PREDICT + [f"--workdir={tmp}/empty", f"{tmp}/nope.jpg"], f"{tmp}/nope.jpg: no such file"),
+      "predict a text file": (PREDICT + [f"--workdir={tmp}/empty", f"{tmp}/text_folder/notes.txt"],
+                              "notes.txt is not a JPEG or PNG image"),
+      "predict without a run": (PREDICT + [f"--workdir={tmp}/empty", f"{tmp}/photo.png"],
+                                f"{tmp}/empty holds no finished run"),
   }
 
 
@@ -98,7 +112,8 @@ def outcomes(tmp_path_factory, fmnist_dir):
 NAMES = ["misspelt config field", "random bytes as .pth", "half a .pth", "missing orbax folder",
          "orbax folder of text", "unknown model in bench", "unknown model", "negative batch", "workdir that is a file",
          "missing data_dir", "absent ImageNet", "weights of another model", "workdir of a live run",
-         "quantize without a run"]
+         "quantize without a run", "missing init_from", "init_from of another model", "freeze matching nothing",
+         "predict a missing image", "predict a text file", "predict without a run"]
 
 
 @pytest.mark.parametrize("name", NAMES)
