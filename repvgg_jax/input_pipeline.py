@@ -18,6 +18,7 @@ from absl import logging
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from repvgg_jax import cli  # pylint: disable=g-import-not-at-top
 from repvgg_jax.autoaugment import autoaugment, randaugment  # pylint: disable=g-import-not-at-top
 
 # TensorFlow is only the input pipeline's engine: it must not grab an accelerator. Each op runs on one thread;
@@ -48,7 +49,8 @@ class Source:
   ``read(split, process_index, process_count)`` -> this process's shard of raw examples {"pixels", "label"};
   ``num_examples(split)`` counts the whole split from the local files; ``shape(pixels)`` -> (H, W, C);
   ``crop(pixels, window)`` -> the uint8 (h, w, C) image inside window (y, x, h, w).
-  ``classes``: the label names where the source knows them.
+  ``classes``: the label names where the source knows them. ``undecodable(split)``: the first file of the split
+  that does not decode, where the source has files (asked only once decoding has failed).
   """
 
   num_classes: int
@@ -60,6 +62,7 @@ class Source:
   shape: Callable[[tf.Tensor], tf.Tensor]
   crop: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
   classes: tuple[str, ...] = ()
+  undecodable: Callable[[str], Optional[str]] = lambda split: None
 
 
 class DatasetError(Exception):
@@ -301,10 +304,22 @@ def folder_source(data_dir: str, splits=("train", "validation")) -> Source:
     return ds.map(lambda ex: {"pixels": tf.io.read_file(ex["path"]), "label": ex["label"]},
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+  def undecodable(split):
+    def fails(path):
+      try:
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return False
+      except tf.errors.OpError:
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
+      paths = [path for path, _ in files[split]]
+      return next((path for path, bad in zip(paths, pool.map(fails, paths)) if bad), None)
+
   shape, crop = image_file_decoding(3)
   return Source(num_classes=len(classes), channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 num_examples=lambda split: len(files[split]), read=read, shape=shape, crop=crop,
-                classes=tuple(classes))
+                classes=tuple(classes), undecodable=undecodable)
 
 
 def get_source(dataset: str, data_dir: str = "", splits=("train", "validation")) -> Source:
@@ -414,6 +429,17 @@ def train_dataset(source: Source, config, local_batch_size: int, seed: int, star
   return _with_threads(ds, config.input_threads).prefetch(2)
 
 
+def numpy_batches(source: Source, split: str, dataset: tf.data.Dataset) -> Iterator[dict]:
+  """``dataset``'s batches as numpy; an image that fails to decode (its header passed ``list_image_folder``'s
+  check, its body did not) is a DatasetError naming the file where the source can find it."""
+  try:
+    yield from dataset.as_numpy_iterator()
+  except tf.errors.InvalidArgumentError as e:
+    bad = source.undecodable(split)
+    raise DatasetError(f"{bad or f'an image of the {split!r} split'} does not decode ({cli.one_line(e)[:200]}); replace or "
+                       "remove it.") from e
+
+
 def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict]:
   """This process's shard of the eval split as numpy batches of exactly ``local_batch_size``.
 
@@ -426,7 +452,8 @@ def eval_batches(source: Source, config, local_batch_size: int) -> Iterator[dict
   if config.steps_per_eval > 0:
     num_batches = min(num_batches, config.steps_per_eval)
   ds = ds.map(lambda ex: preprocess_eval(source, ex, config), num_parallel_calls=tf.data.AUTOTUNE)
-  it = iter(_with_threads(ds.batch(local_batch_size), config.input_threads).prefetch(2).as_numpy_iterator())
+  it = numpy_batches(source, config.eval_split,
+                     _with_threads(ds.batch(local_batch_size), config.input_threads).prefetch(2))
   for _ in range(num_batches):
     batch = next(it, None)
     size = eval_image_size(config)

@@ -133,7 +133,7 @@ def train_batches(source, config, local_batch: int, start_step: int, num_steps: 
       stage_config = config.copy_and_resolve_references()
       stage_config.image_size, stage_config.autoaugment_strength = size, strength
       dataset = input_pipeline.train_dataset(source, stage_config, local_batch, config.seed, first)
-      yield from map(shard, dataset.take(last - first).as_numpy_iterator())
+      yield from map(shard, input_pipeline.numpy_batches(source, config.train_split, dataset.take(last - first)))
 
 
 def _format_duration(seconds: float) -> str:
@@ -257,17 +257,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def save(step, accuracy=None):
       checkpoints.save(manager, step, unreplicate(state), record, accuracy)
 
+    def stop_on_bad_data(error, step):
+      """An image that fails to decode mid-run: the steps done are checkpointed, then one line says which."""
+      flush(step)
+      if step > start_step and manager.latest_step() != step:
+        save(step)
+      raise input_pipeline.DatasetError(f"{error} Stopped at step {step} with its checkpoint kept in "
+                                        f"{manager.directory}; the same command resumes from it.") from error
+
     with preemption.StopRequests() as stop:
       for step in range(start_step + 1, num_steps + 1):
-        state, metrics = p_train_step(state, next(train_iter))
+        try:
+          batch = next(train_iter)
+        except input_pipeline.DatasetError as e:
+          stop_on_bad_data(e, step - 1)
+        state, metrics = p_train_step(state, batch)
         pending.append(metrics)
         if step % config.log_every_steps == 0 or step == num_steps:
           flush(step)
         evaluated = step % eval_every == 0 or step == num_steps
         if evaluated:
           flush(step)
-          eval_metrics = evaluate(p_eval_step, state.eval_variables(),
-                                  input_pipeline.eval_batches(source, config, local_batch))
+          try:
+            eval_metrics = evaluate(p_eval_step, state.eval_variables(),
+                                    input_pipeline.eval_batches(source, config, local_batch))
+          except input_pipeline.DatasetError as e:
+            stop_on_bad_data(e, step)
           logging.info("step %d eval accuracy %.4f top-5 %.4f loss %.4f", step, eval_metrics["accuracy"],
                        eval_metrics["top5_accuracy"], eval_metrics["loss"])
           writer.write(step, "eval", eval_metrics)

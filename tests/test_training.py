@@ -23,6 +23,7 @@ import repvgg_jax as rv
 from configs import default, quickstart
 from repvgg_jax import checkpoints, equivalence, input_pipeline, steps, training
 from repvgg_jax.equivalence import EquivalenceError
+from tests.helpers import write_image_folder
 from tests.precision_emulation import emulated_accelerator_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -585,3 +586,20 @@ def test_shortened_quickstart_learns_real_fashion_mnist(tmp_path):
   deploy = [line for line in read_metrics(workdir) if line["split"] == "deploy"]
   assert len(deploy) == 1 and deploy[0]["count"] == 10000
   assert deploy[0]["accuracy"] > 0.6  # 150 steps of 128 images: well above chance (0.1).
+
+
+def test_an_image_that_does_not_decode_mid_run_is_named_and_the_checkpoints_are_kept(tmp_path):
+  root = write_image_folder(tmp_path / "data", {"train": {c: ["RGB", "L", "RGBA"] * 2 for c in "ab"},
+                                                "val": {c: ["RGB"] for c in "ab"}})
+  config = tiny_config(root, dataset="folder", train_split="train", eval_split="val", image_size=16, batch_size=6,
+                       num_train_steps=2, eval_every_steps=2, export_onnx=False)
+  workdir = str(tmp_path / "run")
+  training.train_and_evaluate(config, workdir)
+  bad = tmp_path / "data" / "train" / "b" / "3.jpg"  # A JPEG's first bytes (the up-front check passes), no image.
+  bad.write_bytes(input_pipeline.JPEG_MAGIC + bytes(200))
+  config.num_train_steps = 6
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    training.train_and_evaluate(config, workdir)
+  assert f"{bad} does not decode" in str(error.value) and "Stopped at step 2 with its checkpoint kept" in str(
+      error.value)
+  assert checkpoints.checkpoint_manager(workdir).latest_step() == 2
