@@ -1,6 +1,8 @@
 """Spec of fine-tuning: ``config.init_from`` from every source, the classifier swap on a class-count change,
 ``init_exclude``, the strictness errors, and ``config.freeze`` (frozen leaves bit-identical after training)."""
 
+import json
+import os
 import re
 
 import jax
@@ -222,3 +224,18 @@ def test_a_resumed_run_ignores_init_from_and_says_so(fmnist_dir, tmp_path, caplo
   assert result["step"] == 4
   assert any(f"Resumed from step 2; init_from={tmp_path}/gone.pth is ignored" in r.getMessage()
              for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- Evaluation without training.
+
+def test_weights_evaluate_without_training_as_the_run_that_made_them_did(pretrained_run, fmnist_dir, tmp_path):
+  from repvgg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = tiny_config(fmnist_dir)
+  deploy_line = [json.loads(line) for line in open(os.path.join(pretrained_run, "metrics.jsonl"))][-1]
+  from_workdir = evaluate.evaluate_weights(config, pretrained_run)
+  assert from_workdir["deploy"]["accuracy"] == deploy_line["accuracy"]
+  assert from_workdir["deploy"]["top5_accuracy"] == deploy_line["top5_accuracy"]
+  assert from_workdir["train_form"]["accuracy"] == deploy_line["train_form_accuracy"]
+  assert from_workdir["max_relative_error"] < 1e-4
+  deploy = evaluate.evaluate_weights(config, os.path.join(pretrained_run, "deploy"))  # The fused form alone.
+  assert deploy["train_form"] is None and deploy["deploy"]["accuracy"] == deploy_line["accuracy"]
