@@ -30,11 +30,11 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_jax as rv
-from repvgg_jax import cli
+from repvgg_jax import cli, resnet
 from repvgg_jax.variants import get_variant
 from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
-flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names.")
+flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names, and the baselines ResNet-18/34/50/101/152.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
 flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16.")
@@ -44,6 +44,11 @@ flags.DEFINE_bool("torch_compile", False, "With the torch engine: also time timm
 flags.DEFINE_bool("paper", False, "The paper's protocol: batch 128, float32, 224 px (overrides those flags).")
 flags.DEFINE_bool("train_step", False, "Also time one SGD training step of the training form.")
 flags.DEFINE_string("plot", "", "Write a PNG: the paper's ImageNet top-1 against measured deploy throughput.")
+flags.DEFINE_bool("paper_pairs", False, "The paper's Table 4 pairs (RepVGG against the ResNet of similar accuracy) "
+                  "side by side: throughput, batch-1 latency, memory, ratios with the paper's (overrides --models; "
+                  "batch 1 is added to --batch_sizes).")
+flags.DEFINE_list("memory_batches", [], "Also print XLA's peak activation memory of each model's forms at these "
+                  "batch sizes (the paper's Figure 3), compiled only.")
 FLAGS = flags.FLAGS
 
 # ImageNet top-1 (%) from the paper (Tables 4 and 5) and the official repository's README.
@@ -54,7 +59,19 @@ PAPER_TOP1 = {"RepVGG-A0": 72.41, "RepVGG-A1": 74.46, "RepVGG-A2": 76.48, "RepVG
 TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "repvgg_a2", "RepVGG-B0": "repvgg_b0",
               "RepVGG-B1": "repvgg_b1", "RepVGG-B1g4": "repvgg_b1g4", "RepVGG-B2": "repvgg_b2",
               "RepVGG-B2g4": "repvgg_b2g4", "RepVGG-B3": "repvgg_b3", "RepVGG-B3g4": "repvgg_b3g4",
-              "RepVGG-D2se": "repvgg_d2se", **{f"MobileOne-S{i}": f"mobileone_s{i}" for i in range(5)}}
+              "RepVGG-D2se": "repvgg_d2se", **{f"MobileOne-S{i}": f"mobileone_s{i}" for i in range(5)},
+              **{name: timm_name for name, (_, _, timm_name) in resnet.RESNETS.items()}}
+PAPER_TOP1.update({"ResNet-18": 71.16, "ResNet-34": 74.17, "ResNet-50": 76.31, "ResNet-101": 77.21,
+                   "ResNet-152": 77.78})
+# The paper's Table 4: (RepVGG, the ResNet of similar accuracy), and its speed (examples/s, 1080Ti, batch 128, fp32,
+# PyTorch). The four pairs the abstract and the project's issue quote are A0/R18, A1/R34, A2/R50, B1g4/R101;
+# the other speeds are Table 4's rows as transcribed here.
+PAPER_PAIRS = (("RepVGG-A0", "ResNet-18"), ("RepVGG-A1", "ResNet-34"), ("RepVGG-B0", "ResNet-34"),
+               ("RepVGG-A2", "ResNet-50"), ("RepVGG-B1g4", "ResNet-101"), ("RepVGG-B1g2", "ResNet-101"),
+               ("RepVGG-B1", "ResNet-101"), ("RepVGG-B2g4", "ResNet-152"), ("RepVGG-B2", "ResNet-152"))
+PAPER_SPEED = {"ResNet-18": 2442, "RepVGG-A0": 3256, "ResNet-34": 1419, "RepVGG-A1": 2339, "RepVGG-B0": 1817,
+               "ResNet-50": 719, "RepVGG-A2": 1322, "RepVGG-B1g4": 868, "RepVGG-B1g2": 792, "ResNet-101": 430,
+               "RepVGG-B1": 685, "ResNet-152": 297, "RepVGG-B2g4": 581, "RepVGG-B2": 460}
 
 
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -77,12 +94,24 @@ def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
   return times
 
 
-def peak_memory_mb(jitted, *args) -> float:
-  """XLA's compiled memory: arguments + outputs + temporaries (activations), in MB."""
+def peak_memory_mb(jitted, *args, activations_only: bool = False) -> float:
+  """XLA's compiled memory: arguments (weights, images) + outputs + temporaries (activations), in MB; with
+  ``activations_only``, the temporaries alone."""
   stats = jitted.lower(*args).compile().memory_analysis()
   if stats is None:
     return float("nan")
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes) / 2**20
+  temp = stats.temp_size_in_bytes
+  return (temp if activations_only else stats.argument_size_in_bytes + stats.output_size_in_bytes + temp) / 2**20
+
+
+def forms(name: str, dtype) -> tuple:
+  """(training form, deploy form, fusion of training variables into deploy params) of a RepVGG-family variant,
+  or of a ResNet baseline (conv + BN, BN folded)."""
+  if name in resnet.RESNETS:
+    return (resnet.create_resnet(name, dtype=dtype), resnet.create_resnet(name, deploy=True, dtype=dtype),
+            resnet.fold_batch_norms)
+  return (rv.create_model(name, dtype=dtype), rv.create_model(name, deploy=True, dtype=dtype),
+          lambda variables: rv.reparam(variables["params"], variables["batch_stats"]))
 
 
 def _summary(seconds: list[float], batch: int) -> dict:
@@ -188,18 +217,15 @@ def forms_error(model, variables, deploy, plain, images) -> float:
 def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, engines=("jax",),
               train_step: bool = False, torch_compile: bool = False) -> dict:
   """All measurements of one (model, batch, dtype)."""
-  dtype = jnp.dtype(dtype_name)
-  model = rv.create_model(name, dtype=dtype)
-  deploy = rv.create_model(name, deploy=True, dtype=dtype)
+  model, deploy, fuse = forms(name, jnp.dtype(dtype_name))
   x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
 
   start = time.perf_counter()
-  plain = jax.block_until_ready(rv.reparam(variables["params"], variables["batch_stats"]))
+  plain = jax.block_until_ready(fuse(variables))
   reparam_first_s = time.perf_counter() - start
-  jit_reparam = jax.jit(rv.reparam)
-  reparam_jit = time_calls({"r": lambda: jax.block_until_ready(jit_reparam(variables["params"],
-                                                                            variables["batch_stats"]))}, 3)["r"]
+  jit_fuse = jax.jit(fuse)
+  reparam_jit = time_calls({"r": lambda: jax.block_until_ready(jit_fuse(variables))}, 3)["r"]
 
   train_fn = jax.jit(functools.partial(model.apply, train=False))
   deploy_fn = jax.jit(deploy.apply)
@@ -208,7 +234,7 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, e
            "jax deploy": lambda: jax.block_until_ready(deploy_fn(deploy_vars, x))}
   if "torch" in engines:
     calls.update(_torch_calls(name, batch, size, dtype_name, torch_compile))
-  if "onnxruntime" in engines and dtype_name == "float32":
+  if "onnxruntime" in engines and dtype_name == "float32" and name not in resnet.RESNETS:
     calls.update(_onnx_calls(name, deploy, plain, x, with_timm="torch" in engines))
   times = time_calls(calls, repeats)
   row = {"model": name, "batch": batch, "dtype": dtype_name,
@@ -218,7 +244,7 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, e
          "equivalence": forms_error(model, variables, deploy, plain, x[:8])}
   for key, seconds in times.items():
     row[key] = _summary(seconds, batch)
-  if train_step:
+  if train_step and name not in resnet.RESNETS:
     steps = {"jax step": _train_step_call(model, variables, x)}
     if "torch" in engines and name in TIMM_NAMES:
       steps["torch step"] = _torch_train_step_call(name, batch, size, dtype_name)
@@ -316,6 +342,58 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def format_pairs(rows: list[dict]) -> str:
+  """The paper's pairs side by side, per dtype and batch: RepVGG's deploy form against the ResNet's inference
+  form (BN folded) in JAX, the same in timm when measured, batch-1 latency, XLA's compiled memory, and the
+  paper's speed ratio (1080Ti, batch 128, fp32)."""
+  index = {(r["model"], r["batch"], r["dtype"]): r for r in rows}
+  has_torch = any("torch deploy" in r for r in rows)
+  head = ["RepVGG", "ResNet", "dtype", "batch", "RepVGG img/s", "ResNet img/s", "ratio", "paper ratio"]
+  head += ["timm ratio"] if has_torch else []
+  head += ["batch-1 ms RepVGG / ResNet", "memory MB RepVGG / ResNet"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for dtype in sorted({r["dtype"] for r in rows}, reverse=True):
+    for batch in sorted({r["batch"] for r in rows if r["batch"] > 1} or {1}):
+      for ours, theirs in PAPER_PAIRS:
+        a, b = index.get((ours, batch, dtype)), index.get((theirs, batch, dtype))
+        if a is None or b is None:
+          continue
+        fast, slow = a["jax deploy"]["img_s"], b["jax deploy"]["img_s"]
+        cells = [ours, theirs, dtype, str(batch), f"{fast:.1f}", f"{slow:.1f}", f"{fast / slow:.2f}x",
+                 f"{PAPER_SPEED[ours] / PAPER_SPEED[theirs]:.2f}x"]
+        if has_torch:
+          cells += [f"{a['torch deploy']['img_s'] / b['torch deploy']['img_s']:.2f}x" if "torch deploy" in a
+                    and "torch deploy" in b else "-"]
+        a1, b1 = index.get((ours, 1, dtype)), index.get((theirs, 1, dtype))
+        cells += [f"{a1['jax deploy']['median_ms']:.1f} / {b1['jax deploy']['median_ms']:.1f}" if a1 and b1 else "-",
+                  f"{a['deploy_mem_mb']:.0f} / {b['deploy_mem_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def activation_memory(names, batches, size: int) -> str:
+  """XLA's peak activation memory (temporaries, float32, compiled only) of each model's training form (in eval
+  mode) and deploy form, across batch sizes: the paper's Figure 3, measured. Beside it, one output feature map
+  of stage 1 (stride 4), for the paper's arithmetic (a residual block holds its input until the addition: two such
+  maps live at once where a plain block needs its input only until its convolution has run)."""
+  head = ["model", "batch", "training form MB", "deploy form MB", "training / deploy", "stage-1 map MB"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in names:
+    model, deploy, fuse = forms(name, jnp.float32)
+    for batch in batches:
+      x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+      variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+      plain = jax.eval_shape(fuse, variables)
+      train_mb = peak_memory_mb(jax.jit(functools.partial(model.apply, train=False)), variables, x,
+                                activations_only=True)
+      deploy_mb = peak_memory_mb(jax.jit(deploy.apply), {"params": plain}, x, activations_only=True)
+      channels = (256 if resnet.RESNETS[name][0] else 64) if name in resnet.RESNETS else model.plan()[1].features
+      first_map = batch * (size // 4) ** 2 * channels * 4 / 2**20
+      lines.append(f"| {name} | {batch} | {train_mb:.1f} | {deploy_mb:.1f} | {train_mb / deploy_mb:.2f}x | "
+                   f"{first_map:.1f} |")
+  return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str) -> None:
   """The paper's ImageNet top-1 against measured throughput (largest batch, float32), like its Figure 1."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -367,11 +445,17 @@ def main(argv):
     raise app.UsageError(f"unknown engine(s) {unknown}; choose from jax, torch, onnxruntime.")
   if FLAGS.torch_compile and "torch" not in FLAGS.engines:
     raise app.UsageError("--torch_compile needs --engines=...,torch.")
+  if FLAGS.paper_pairs:
+    FLAGS.models = list(dict.fromkeys(name for pair in PAPER_PAIRS for name in pair))
+    FLAGS.batch_sizes = list(dict.fromkeys(["1"] + FLAGS.batch_sizes))
   for name in FLAGS.models:
     try:
-      get_variant(name)
+      if name not in resnet.RESNETS:
+        get_variant(name)
     except ValueError as e:
-      raise cli.UserError(f"--models: {e}") from e
+      raise cli.UserError(f"--models: {e} (or a baseline: {', '.join(resnet.RESNETS)})") from e
+  if not all(b.isdigit() and int(b) > 0 for b in FLAGS.memory_batches):
+    raise cli.UserError(f"--memory_batches must be positive integers; got {','.join(FLAGS.memory_batches)}.")
   if not all(b.isdigit() and int(b) > 0 for b in FLAGS.batch_sizes):
     raise cli.UserError(f"--batch_sizes must be positive integers; got {','.join(FLAGS.batch_sizes)}.")
   if not set(FLAGS.dtypes) <= {"float32", "bfloat16"}:
@@ -385,6 +469,11 @@ def main(argv):
         print(f"done: {name} batch {batch} {dtype_name}", flush=True)
   print(f"\n{header(FLAGS.engines)}\n")
   print(format_table(rows))
+  if FLAGS.paper_pairs:
+    print(f"\nThe paper's pairs (ResNets with BN folded into their convolutions):\n\n{format_pairs(rows)}")
+  if FLAGS.memory_batches:
+    print(f"\nPeak activation memory (XLA, float32, {FLAGS.image_size} px):\n\n"
+          f"{activation_memory(FLAGS.models, [int(b) for b in FLAGS.memory_batches], FLAGS.image_size)}")
   if FLAGS.plot:
     plot(rows, FLAGS.plot)
     print(f"\nplot written to {FLAGS.plot}")

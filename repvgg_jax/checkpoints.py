@@ -46,9 +46,15 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
 
 
 def reader(workdir: str) -> ocp.CheckpointManager:
-  """A manager that only reads another run's checkpoints: it creates, cleans and deletes nothing there."""
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
-                               options=ocp.CheckpointManagerOptions(read_only=True), item_names=(STATE, META))
+  """A manager that only reads another run's checkpoints: it creates, cleans and deletes nothing there. (orbax
+  warns, three lines, that a read-only manager creates and saves nothing: that is the point, so not shown.)"""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+                                 options=ocp.CheckpointManagerOptions(read_only=True), item_names=(STATE, META))
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def tree_bytes(tree: Any) -> int:
