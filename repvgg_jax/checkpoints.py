@@ -48,13 +48,14 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
 def reader(workdir: str) -> ocp.CheckpointManager:
   """A manager that only reads another run's checkpoints: it creates, cleans and deletes nothing there. (orbax
   warns, three lines, that a read-only manager creates and saves nothing: that is the point, so not shown.)"""
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
+  logger = logging.get_absl_logger()
+  level = logger.level  # Restored as it was (NOTSET included), so that the run's own INFO lines still show.
+  logger.setLevel("ERROR")
   try:
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
                                  options=ocp.CheckpointManagerOptions(read_only=True), item_names=(STATE, META))
   finally:
-    logging.set_verbosity(verbosity)
+    logger.setLevel(level)
 
 
 def tree_bytes(tree: Any) -> int:

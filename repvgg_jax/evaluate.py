@@ -14,8 +14,7 @@ import functools
 import jax
 
 from repvgg_jax import cli, input_pipeline, training, weights
-from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.reparam import reparam
+from repvgg_jax.models import given_overrides
 from repvgg_jax.steps import AXIS, eval_step, replicate
 
 
@@ -24,8 +23,7 @@ def evaluate_weights(config, path: str) -> dict:
   ``training.evaluate`` gives them (accuracy, top5_accuracy, loss, count)."""
   training.validate_config(config)
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
-  overrides = {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
-  variables = weights.load_any(config.model, path, "--weights", **overrides)
+  variables = weights.load_any(config.model, path, "--weights", **given_overrides(config.model_overrides.to_dict()))
   classes = variables["params"]["linear"]["kernel"].shape[-1]
   if classes != source.num_classes:
     raise cli.UserError(f"--weights={path} has {classes} classes, the {config.dataset} eval split "
@@ -38,11 +36,8 @@ def evaluate_weights(config, path: str) -> dict:
     results["train_form"] = training.evaluate(
         jax.pmap(functools.partial(eval_step, train_model.apply), axis_name=AXIS), replicate(variables),
         input_pipeline.eval_batches(source, config, batch))
-    deploy_params = reparam(variables["params"], variables["batch_stats"], eps=train_model.bn_epsilon)
-    results["max_relative_error"] = check_equivalence(
-        training.model_from_config(config, classes, half_precision=False), variables,
-        training.model_from_config(config, classes, deploy=True, half_precision=False), deploy_params,
-        next(input_pipeline.eval_batches(source, config, batch))["image"])
+    deploy_params, results["max_relative_error"] = training.fuse_checked(
+        config, classes, variables, next(input_pipeline.eval_batches(source, config, batch))["image"])
   else:
     deploy_params = variables["params"]
   results["deploy"] = training.evaluate(jax.pmap(functools.partial(eval_step, deploy_model.apply), axis_name=AXIS),

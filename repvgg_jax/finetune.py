@@ -23,17 +23,23 @@ import optax
 from absl import logging
 
 from repvgg_jax import cli, weights
+from repvgg_jax.models import given_overrides
 
 FROZEN, TRAINED = "frozen", "trained"
 
 
 def path_name(path) -> str:
   """A tree_util key path -> "stage1/0/rbr_dense/conv/kernel"."""
-  return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def named_leaves(tree) -> dict:
+  """{path name: leaf} of a tree, in its leaves' order."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def leaf_names(tree) -> list[str]:
-  return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return list(named_leaves(tree))
 
 
 def compile_patterns(setting: str, patterns: Iterable[str]) -> list[re.Pattern]:
@@ -65,8 +71,8 @@ def matching(setting: str, patterns: Sequence[str], names: Sequence[str]) -> set
 def read_pretrained(config) -> dict:
   """``config.init_from``'s training-time variables {'params', 'batch_stats'} of ``config.model`` (with its
   overrides), from a .pth / .safetensors file, an orbax tree or a run's workdir."""
-  overrides = {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
-  variables = weights.load_any(config.model, config.init_from, "init_from", **overrides)
+  variables = weights.load_any(config.model, config.init_from, "init_from",
+                               **given_overrides(config.model_overrides.to_dict()))
   if "batch_stats" not in variables:
     raise cli.UserError(f"init_from={config.init_from} holds the deploy (fused) form, which has no branches left "
                         "to train; give the training-time weights (convert --out writes them to <out>/train).")
@@ -80,10 +86,8 @@ def merge(initial: dict, loaded: dict, exclude: Sequence[str] = ()) -> tuple[dic
   other difference (a missing, extra or reshaped leaf) raises UserError: these are weights of another model.
   ``initial`` may be abstract (``jax.eval_shape``): the check then runs before anything is compiled."""
   classes = {loaded["params"]["linear"]["kernel"].shape[-1], initial["params"]["linear"]["kernel"].shape[-1]}
-  flat_initial = {(c, path_name(p)): leaf for c in initial for p, leaf in
-                  jax.tree_util.tree_flatten_with_path(initial[c])[0]}
-  flat_loaded = {(c, path_name(p)): leaf for c in loaded for p, leaf in
-                 jax.tree_util.tree_flatten_with_path(loaded[c])[0]}
+  flat_initial, flat_loaded = ({(c, name): leaf for c in tree for name, leaf in named_leaves(tree[c]).items()}
+                               for tree in (initial, loaded))
   problems = [f"missing {c}/{n}" for c, n in sorted(set(flat_initial) - set(flat_loaded))]
   problems += [f"unexpected {c}/{n}" for c, n in sorted(set(flat_loaded) - set(flat_initial))]
   head = set()

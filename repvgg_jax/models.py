@@ -8,7 +8,7 @@ one convolution with a bias per block (``rbr_reparam``), SE where the variant ha
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -370,6 +370,12 @@ _NETWORKS = {variants.Variant: RepVGG, variants.MobileOneVariant: MobileOne, var
 def _overridable(network) -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(network)
                if f.name not in ("num_classes", "deploy", "dtype", "features_only", "out_indices", "parent", "name"))
+
+
+def given_overrides(overrides: Mapping[str, Any]) -> dict:
+  """The ``create_model`` overrides a config or a JSON record sets: unset (None) fields dropped, lists (what
+  JSON gives back) as tuples."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
 
 
 def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dtype: Any = jnp.float32,

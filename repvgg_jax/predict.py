@@ -40,9 +40,8 @@ class Predictor:
 
 
 def _deploy_model(name: str, overrides: dict, num_classes: int):
-  from repvgg_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
-  return create_model(name, num_classes=num_classes, deploy=True, **overrides)
+  from repvgg_jax.models import create_model, given_overrides  # pylint: disable=g-import-not-at-top
+  return create_model(name, num_classes=num_classes, deploy=True, **given_overrides(overrides))
 
 
 def _jax_logits(model, params) -> Callable[[np.ndarray], np.ndarray]:
@@ -100,16 +99,16 @@ def imagenet_classes() -> tuple[str, ...]:
   return tuple(f"{info.label_name_to_description(s)} ({s})" for s in synsets)
 
 
-def from_weights(model: str, path: str, image_size: int = 224, crop_ratio: float = 0.875) -> Predictor:
-  """Converted ImageNet weights (a .pth / .safetensors file or an orbax tree, either form) of ``model``."""
+def from_weights(model: str, path: str, flag: str = "--pth", image_size: int = 224,
+                 crop_ratio: float = 0.875) -> Predictor:
+  """Converted ImageNet weights (a .pth / .safetensors file or an orbax tree, either form) of ``model``;
+  ``flag`` names the path in the messages."""
   from repvgg_jax import weights  # pylint: disable=g-import-not-at-top
   try:
     _deploy_model(model, {}, 1000)
   except ValueError as e:
     raise cli.UserError(f"--model: {e}") from e
-  flag = "--orbax" if os.path.isdir(path) else "--pth"
-  variables = weights.load_orbax(model, path) if flag == "--orbax" else weights.load_pth(model, path)
-  params = weights.fused(model, variables)
+  params = weights.fused(model, weights.load_any(model, path, flag))
   num_classes = params["linear"]["kernel"].shape[-1]
   classes = imagenet_classes() if num_classes == 1000 else tuple(f"class {i}" for i in range(num_classes))
   return Predictor(_jax_logits(_deploy_model(model, {}, num_classes), params), classes, 3, image_size, crop_ratio,
@@ -170,7 +169,7 @@ def main(argv):
     if flags_.engine != "jax":
       raise app.UsageError("converted weights run in JAX; for onnxruntime, write an ONNX file with "
                            "python -m repvgg_jax.convert --to_onnx, or fine-tune a run.")
-    predictor = from_weights(flags_.model, flags_.pth or flags_.orbax)
+    predictor = from_weights(flags_.model, flags_.pth or flags_.orbax, "--pth" if flags_.pth else "--orbax")
   for path, best in zip(images, predict(predictor, images, flags_.top_k)):
     print(path + "".join(f"\t{p:.4f} {name}" for name, p in best))
 

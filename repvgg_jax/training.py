@@ -18,7 +18,7 @@ from absl import logging
 
 from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.models import create_model
+from repvgg_jax.models import create_model, given_overrides
 from repvgg_jax.reparam import reparam
 from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, create_optimizer, create_train_state,
                               eval_step, learning_rate_schedule, prefetch_to_device, replicate, shard, train_step,
@@ -80,7 +80,7 @@ def model_from_config(config, num_classes: int, *, deploy: bool = False, half_pr
   try:
     return create_model(config.model, num_classes=num_classes, deploy=deploy,
                         dtype=jnp.bfloat16 if half else jnp.float32, bn_axis_name=None if deploy else AXIS,
-                        **{k: v for k, v in config.model_overrides.to_dict().items() if v is not None})
+                        **given_overrides(config.model_overrides.to_dict()))
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -310,18 +310,25 @@ def _pretrained(config, abstract_state: TrainState) -> Optional[dict]:
   return pretrained
 
 
-def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:
-  """reparam -> equivalence check on a held-out batch -> deploy evaluation on the whole split -> save."""
-  train_model = model_from_config(config, source.num_classes, half_precision=False)
-  deploy_model = model_from_config(config, source.num_classes, deploy=True, half_precision=False)
-  variables = state.eval_variables()
+def fuse_checked(config, num_classes: int, variables: dict, images) -> tuple[dict, float]:
+  """Training-time ``variables`` re-parameterized (with the config's BN epsilon) and checked at HIGHEST precision
+  against the training form on ``images``: (deploy params, max relative logit error); beyond the bound,
+  ``EquivalenceError``."""
+  train_model = model_from_config(config, num_classes, half_precision=False)
+  deploy_model = model_from_config(config, num_classes, deploy=True, half_precision=False)
   deploy_params = jax.jit(functools.partial(reparam, eps=train_model.bn_epsilon))(variables["params"],
                                                                                   variables["batch_stats"])
+  return deploy_params, check_equivalence(train_model, variables, deploy_model, deploy_params, images)
+
+
+def finish(config, workdir: str, source, state: TrainState, eval_metrics: Optional[dict], writer) -> dict:
+  """reparam -> equivalence check on a held-out batch -> deploy evaluation on the whole split -> save."""
   local_batch = config.batch_size // jax.process_count()
   full_eval = config.copy_and_resolve_references()
   full_eval.steps_per_eval = -1
   held_out = next(input_pipeline.eval_batches(source, full_eval, local_batch))
-  max_rel_error = check_equivalence(train_model, variables, deploy_model, deploy_params, held_out["image"])
+  deploy_params, max_rel_error = fuse_checked(config, source.num_classes, state.eval_variables(), held_out["image"])
+  deploy_model = model_from_config(config, source.num_classes, deploy=True, half_precision=False)
   deploy_step = jax.pmap(functools.partial(eval_step, model_from_config(config, source.num_classes,
                                                                          deploy=True).apply), axis_name=AXIS)
   deploy_metrics = evaluate(deploy_step, replicate({"params": deploy_params}),

@@ -69,8 +69,8 @@ def initial_state(config, pretrained_variables=None):
 
 def flat(state) -> dict:
   """{"params/stage0/rbr_dense/conv/kernel": array, "batch_stats/...": array}."""
-  return {f"{c}/{finetune.path_name(p)}": np.asarray(leaf) for c in ("params", "batch_stats")
-          for p, leaf in jax.tree_util.tree_flatten_with_path(getattr(state, c))[0]}
+  return {f"{c}/{name}": np.asarray(leaf) for c in ("params", "batch_stats")
+          for name, leaf in finetune.named_leaves(getattr(state, c)).items()}
 
 
 # --------------------------------------------------------------------------- init_from.
@@ -85,8 +85,7 @@ def test_init_from_loads_every_leaf_and_reinitializes_a_classifier_of_another_cl
   with caplog.at_level("INFO"):
     state = initial_state(config, finetune.read_pretrained(config))
   loaded, fresh = flat(state), flat(initial_state(folder_config(folder)))
-  expected = {f"{c}/{finetune.path_name(p)}": leaf for c in variables
-              for p, leaf in jax.tree_util.tree_flatten_with_path(variables[c])[0]}
+  expected = {f"{c}/{name}": leaf for c in variables for name, leaf in finetune.named_leaves(variables[c]).items()}
   for name, value in loaded.items():
     if name.startswith("params/linear/"):
       assert value.shape[-1] == len(CLASSES)
@@ -113,14 +112,8 @@ def test_init_exclude_reinitializes_the_leaves_it_matches_and_keeps_the_rest(fol
   assert reinitialized and len(reinitialized) < len(loaded)
   for name in loaded:
     collection, path = name.split("/", 1)
-    source = fresh[name] if name in reinitialized else _at(variables[collection], path)
+    source = fresh[name] if name in reinitialized else finetune.named_leaves(variables[collection])[path]
     np.testing.assert_array_equal(loaded[name], source, err_msg=name)
-
-
-def _at(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
 
 
 def test_a_mobileone_in_apples_naming_loads(folder, tmp_path):
@@ -190,8 +183,7 @@ def pretrained_run(fmnist_dir, tmp_path_factory):
 
 def _run_weights(workdir) -> dict:
   variables = weights.load_workdir("RepVGG-A0", workdir, **TINY)
-  return {f"{c}/{finetune.path_name(p)}": np.asarray(leaf) for c in variables
-          for p, leaf in jax.tree_util.tree_flatten_with_path(variables[c])[0]}
+  return {f"{c}/{name}": np.asarray(leaf) for c in variables for name, leaf in finetune.named_leaves(variables[c]).items()}
 
 
 @pytest.mark.parametrize("freeze, optimizer, ema_decay", [
