@@ -8,6 +8,8 @@
    device, eager and torch.compile'd, with the equivalence error at HIGHEST precision.
 3. The backend paths: deploy throughput with the CPU-only paths (backend.SPECIAL_PATHS) and the unfused
    bias (backend.UNFUSED_BIAS) switched on for this backend, and the cuDNN calls in XLA's optimized HLO.
+4. The paper's headline at its protocol: Table 4's pairs (RepVGG deploy vs ResNet, BN folded; and timm's pair)
+   at batch 128 and batch 1, float32 and bfloat16, and the peak activation memory at batch 1, 32, 128.
 Prints a short summary table last. Numbers go into benchmarks/RESULTS.md with the card's name.
 """
 
@@ -102,10 +104,18 @@ def main():
                                   torch_compile=vs_torch and not args.smoke))
       print(f"done: {name} {dtype} ({time.time() - start:.0f} s)", flush=True)
   paths = backend_paths(["RepVGG-A0"] if args.smoke else ["RepVGG-A0", "RepVGG-B3"], batch, size, repeats, dtypes)
+  pairs = bench.PAPER_PAIRS[:1] if args.smoke else bench.PAPER_PAIRS
+  pair_rows = [bench.bench_pair(*pair, b, size, dtype, repeats, engines)
+               for pair in pairs for b in (1, batch) for dtype in dtypes]
+  pair_models = list(dict.fromkeys(name for pair in pairs for name in pair))
+  memory = bench.activation_memory(pair_models, (1, 2) if args.smoke else (1, 32, 128), size)
+  print(f"done: pairs and memory ({time.time() - start:.0f} s)", flush=True)
 
   print(f"\n## {jax.devices()[0].device_kind}: jax {jax.__version__}, batch {batch}, {size} px\n")
   print(bench.format_table(rows))
   print("\n" + "\n".join(paths))
+  print(f"\n### The paper's pairs (Table 4: 1080Ti, batch 128, fp32)\n\n{bench.format_pairs(pair_rows)}")
+  print(f"\n### Peak activation memory (float32)\n\n{memory}")
   print(f"\n## Summary ({time.time() - start:.0f} s in all)\n\ntests: {tests}\n")
   print("| model | dtype | deploy/train | deploy ours/timm | deploy ours/compiled timm | max rel err (HIGHEST) |")
   print("|---|---|---|---|---|---|")

@@ -8,9 +8,10 @@
 Exports the run's deploy params to ONNX (float32), quantizes it with ``onnxruntime.quantization`` (QDQ,
 uint8 activations, int8 weights, MinMax calibration on training images), once with per-tensor and once
 with per-channel weight scales, then prints accuracy on the whole Fashion-MNIST test split and onnxruntime
-throughput (batch 1 and 32, interleaved) for each, and the same for ``<workdir>/deploy_int8.onnx`` where
-``python -m repvgg_jax.quantize`` wrote one (Qwix's scales, int8 activations). RepVGG is known to lose accuracy under naive INT8: the
-fused kernels' value ranges are wide (identity and 1x1 branches summed into the centre tap).
+throughput (batch 1 and 32, interleaved, non-spinning sessions) for each, and the same for
+``<workdir>/deploy_int8.onnx`` where ``python -m repvgg_jax.quantize`` wrote one (Qwix's scales). RepVGG is known
+to lose accuracy under naive INT8: the fused kernels' value ranges are wide (identity and 1x1 branches summed
+into the centre tap). ``--speed_model`` times the same graphs of an untrained full-size model.
 """
 
 import argparse
@@ -57,7 +58,8 @@ def accuracy(session, source, config) -> float:
 
 
 def throughput(sessions: dict, batch: int, repeats: int, shape=(1, 28, 28)) -> dict:
-  """images/s per session, timed round by round, each timed call after one untimed call."""
+  """images/s per session (median), timed round by round, each timed call after one untimed call; the sessions
+  do not spin (``export.onnx_session``), so none steals the cores of the next."""
   x = {"images": np.random.default_rng(0).normal(size=(batch,) + tuple(shape)).astype(np.float32)}
   times = {name: [] for name in sessions}
   for _ in range(repeats):
@@ -69,9 +71,45 @@ def throughput(sessions: dict, batch: int, repeats: int, shape=(1, 28, 28)) -> d
   return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
+def onnxruntime_ptq(fp32: str, tmp: str, calibration) -> dict[str, str]:
+  """onnxruntime's own static quantization of the float graph ``fp32`` (QDQ, uint8 activations, int8 weights,
+  MinMax), per tensor and per channel; ``calibration()`` gives a fresh CalibrationDataReader. Returns the paths."""
+  from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
+  pre = os.path.join(tmp, "pre.onnx")
+  q.quant_pre_process(fp32, pre)
+  paths = {}
+  for name, per_channel in (("ORT PTQ per-tensor", False), ("ORT PTQ per-channel", True)):
+    paths[name] = os.path.join(tmp, f"{name.replace(' ', '_')}.onnx")
+    q.quantize_static(pre, paths[name], calibration(), quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+  return paths
+
+
+class Images:  # onnxruntime's CalibrationDataReader protocol, over NHWC batches.
+
+  def __init__(self, batches):
+    self._it = iter(batches)
+
+  def get_next(self):
+    images = next(self._it, None)
+    return None if images is None else {"images": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
+
+
+def speed_table(sessions: dict, repeats: int, shape) -> str:
+  """Markdown: images/s at batch 1 and 32 of each session, against float32 and against ORT's per-channel PTQ."""
+  speeds = {b: throughput(sessions, b, repeats, shape) for b in (1, 32)}
+  lines = ["| graph | img/s batch 1 | img/s batch 32 | vs float32 (1 / 32) | vs ORT PTQ per-channel (1 / 32) |",
+           "|---|---|---|---|---|"]
+  for graph in sessions:
+    ratio = lambda ref: " / ".join(f"{speeds[b][graph] / speeds[b][ref]:.2f}x" for b in (1, 32))
+    lines.append(f"| {graph} | {speeds[1][graph]:,.1f} | {speeds[32][graph]:,.1f} | {ratio('float32')} | "
+                 f"{ratio('ORT PTQ per-channel')} |")
+  return "\n".join(lines)
+
+
 def speed_only(name: str, image_size: int, repeats: int) -> None:
-  """onnxruntime float32 vs our INT8 graph (Qwix scales calibrated on random images) of an untrained full-size
-  model: speed only, as accuracy needs ImageNet."""
+  """onnxruntime float32, its own PTQ and our INT8 graph (Qwix scales; both calibrated on the same random images)
+  of an untrained full-size model: speed only, as accuracy needs ImageNet."""
   import jax  # pylint: disable=g-import-not-at-top
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   from repvgg_jax import quantize  # pylint: disable=g-import-not-at-top
@@ -81,20 +119,18 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
   images = [np.random.default_rng(i).normal(size=(8, image_size, image_size, 3)).astype(np.float32) for i in range(2)]
   stats = quantize.calibrate(quantize.fake_quantized(deploy), params, images)
   threads = os.cpu_count() or 1
-  sessions = {"float32": export.onnx_session(export.to_onnx(deploy, params), threads),
-              "int8 Qwix scales (ours)": export.onnx_session(
-                  export.to_onnx(deploy, params, int8=quantize.int8_layers(params, stats)), threads)}
-  print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads\n")
-  print("| graph | img/s batch 1 | img/s batch 32 | batch 1 vs float32 | batch 32 vs float32 |")
-  print("|---|---|---|---|---|")
-  speeds = {b: throughput(sessions, b, repeats, (3, image_size, image_size)) for b in (1, 32)}
-  for graph in sessions:
-    print(f"| {graph} | {speeds[1][graph]:,.1f} | {speeds[32][graph]:,.1f} | "
-          f"{speeds[1][graph] / speeds[1]['float32']:.2f}x | {speeds[32][graph] / speeds[32]['float32']:.2f}x |")
+  with tempfile.TemporaryDirectory() as tmp:
+    fp32 = os.path.join(tmp, "fp32.onnx")
+    export.to_onnx(deploy, params, fp32)
+    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Images(images))}
+    sessions = {graph: export.onnx_session(path, threads) for graph, path in paths.items()}
+    sessions["int8 Qwix scales (ours)"] = export.onnx_session(
+        export.to_onnx(deploy, params, int8=quantize.int8_layers(params, stats)), threads)
+    print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads, non-spinning sessions\n")
+    print(speed_table(sessions, repeats, (3, image_size, image_size)))
 
 
 def main():
-  from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
   import onnxruntime  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,28 +157,21 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, "fp32.onnx")
     export.to_onnx(deploy, params, fp32)
-    q.quant_pre_process(fp32, os.path.join(tmp, "pre.onnx"))
-    paths = {"float32": fp32}
-    for name, per_channel in (("int8 per-tensor", False), ("int8 per-channel", True)):
-      paths[name] = os.path.join(tmp, f"{name.replace(' ', '_')}.onnx")
-      q.quantize_static(os.path.join(tmp, "pre.onnx"), paths[name], Calibration(source, config,
-                                                                                  args.calibration_batches),
-                        quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(source, config,
+                                                                               args.calibration_batches))}
     ours = os.path.join(args.workdir, "deploy_int8.onnx")  # python -m repvgg_jax.quantize's graph, if written.
     if os.path.exists(ours):
       paths["int8 Qwix scales (ours)"] = ours
     sessions = {name: export.onnx_session(path, threads) for name, path in paths.items()}
     sizes = {name: os.path.getsize(path) / 2**20 for name, path in paths.items()}
     accuracies = {name: accuracy(session, source, config) for name, session in sessions.items()}
-    speeds = {b: throughput(sessions, b, args.repeats) for b in (1, 32)}
-  print(f"\nonnxruntime {onnxruntime.__version__}, {threads} threads, {args.calibration_batches * 64} calibration "
-        f"images, Fashion-MNIST test split ({source.num_examples(config.eval_split)} images)\n")
-  print("| model | file MB | test accuracy | img/s batch 1 | img/s batch 32 | batch 32 vs float32 |")
-  print("|---|---|---|---|---|---|")
-  for name in sessions:
-    print(f"| {name} | {sizes[name]:.2f} | {accuracies[name]:.4f} | {speeds[1][name]:,.0f} | {speeds[32][name]:,.0f} "
-          f"| {speeds[32][name] / speeds[32]['float32']:.2f}x |")
+    print(f"\nonnxruntime {onnxruntime.__version__}, {threads} threads, non-spinning sessions, "
+          f"{args.calibration_batches * 64} calibration images, Fashion-MNIST test split "
+          f"({source.num_examples(config.eval_split)} images)\n")
+    print("| model | file MB | test accuracy |\n|---|---|---|")
+    for name in sessions:
+      print(f"| {name} | {sizes[name]:.2f} | {accuracies[name]:.4f} |")
+    print(f"\n{speed_table(sessions, args.repeats, (1, 28, 28))}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ compiled with ``torch.compile``, the strongest PyTorch baseline. ``onnxruntime``
 project's ONNX export of the deploy form and, with torch installed, timm's re-parameterized model exported by
 ``torch.onnx.export``: the same engine on both graphs, on the CPU, with as many threads as the others. ``--paper`` is the paper's protocol: batch
 128, float32, 224 px. Each row also reports the train/deploy error at HIGHEST precision (measured, not asserted).
+
+``--paper_pairs`` measures instead the paper's Table 4 pairs (RepVGG's deploy form against the ResNet of similar
+accuracy with BN folded, both in JAX, each pair interleaved in one run; and timm's pair with the torch engine):
+
+  python -m repvgg_jax.bench --paper_pairs --batch_sizes=8 --dtypes=float32,bfloat16 --engines=jax,torch \
+      --memory_batches=1,8,32 --plot=benchmarks/pairs.png
+
+``--memory_batches`` prints XLA's peak activation memory of each model's forms across batch sizes (Figure 3).
 """
 
 import functools
@@ -45,8 +53,8 @@ flags.DEFINE_bool("paper", False, "The paper's protocol: batch 128, float32, 224
 flags.DEFINE_bool("train_step", False, "Also time one SGD training step of the training form.")
 flags.DEFINE_string("plot", "", "Write a PNG: the paper's ImageNet top-1 against measured deploy throughput.")
 flags.DEFINE_bool("paper_pairs", False, "The paper's Table 4 pairs (RepVGG against the ResNet of similar accuracy) "
-                  "side by side: throughput, batch-1 latency, memory, ratios with the paper's (overrides --models; "
-                  "batch 1 is added to --batch_sizes).")
+                  "side by side: throughput, batch-1 latency, memory, ratios with the paper's; all pairs' models "
+                  "unless --models is given (then the pairs among them); batch 1 is added to --batch_sizes.")
 flags.DEFINE_list("memory_batches", [], "Also print XLA's peak activation memory of each model's forms at these "
                   "batch sizes (the paper's Figure 3), compiled only.")
 FLAGS = flags.FLAGS
@@ -342,81 +350,137 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _inference_call(name: str, batch: int, size: int, dtype_name: str) -> tuple[Callable[[], object], float]:
+  """(a zero-argument timed call of the model's inference form in JAX: RepVGG's deploy form, a ResNet with BN
+  folded; XLA's compiled memory of it in MB)."""
+  model, deploy, fuse = forms(name, jnp.dtype(dtype_name))
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
+  params = {"params": jax.jit(fuse)(variables)}
+  fn = jax.jit(deploy.apply)
+  return (lambda: jax.block_until_ready(fn(params, x))), peak_memory_mb(fn, params, x)
+
+
+def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, repeats: int, engines) -> dict:
+  """One of the paper's pairs at one batch and dtype: the two inference forms timed interleaved in one run (and
+  timm's two, eager, where the torch engine is on: its RepVGG re-parameterized, its ResNet as the paper ran it,
+  BN unfused), with XLA's compiled memory of each."""
+  calls, memory = {}, {}
+  for role, name in (("RepVGG", ours), ("ResNet", theirs)):
+    calls[role], memory[role] = _inference_call(name, batch, size, dtype_name)
+    if "torch" in engines:
+      calls[f"timm {role}"] = _torch_calls(name, batch, size, dtype_name, False)["torch deploy"]
+  times = time_calls(calls, repeats)
+  return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory,
+          **{role: _summary(seconds, batch) for role, seconds in times.items()}}
+
+
 def format_pairs(rows: list[dict]) -> str:
-  """The paper's pairs side by side, per dtype and batch: RepVGG's deploy form against the ResNet's inference
-  form (BN folded) in JAX, the same in timm when measured, batch-1 latency, XLA's compiled memory, and the
-  paper's speed ratio (1080Ti, batch 128, fp32)."""
-  index = {(r["model"], r["batch"], r["dtype"]): r for r in rows}
-  has_torch = any("torch deploy" in r for r in rows)
+  """The paper's pairs side by side (``bench_pair`` rows), per dtype and batch above 1: images/s of each in JAX,
+  the ratio, the paper's ratio (1080Ti, batch 128, fp32), timm's ratio where measured, batch-1 latency, memory."""
+  index = {(r["pair"], r["batch"], r["dtype"]): r for r in rows}
+  has_torch = any("timm RepVGG" in r for r in rows)
   head = ["RepVGG", "ResNet", "dtype", "batch", "RepVGG img/s", "ResNet img/s", "ratio", "paper ratio"]
-  head += ["timm ratio"] if has_torch else []
+  head += ["timm RepVGG / ResNet img/s", "timm ratio"] if has_torch else []
   head += ["batch-1 ms RepVGG / ResNet", "memory MB RepVGG / ResNet"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for dtype in sorted({r["dtype"] for r in rows}, reverse=True):
     for batch in sorted({r["batch"] for r in rows if r["batch"] > 1} or {1}):
-      for ours, theirs in PAPER_PAIRS:
-        a, b = index.get((ours, batch, dtype)), index.get((theirs, batch, dtype))
-        if a is None or b is None:
+      for pair in PAPER_PAIRS:
+        r, r1 = index.get((pair, batch, dtype)), index.get((pair, 1, dtype))
+        if r is None:
           continue
-        fast, slow = a["jax deploy"]["img_s"], b["jax deploy"]["img_s"]
-        cells = [ours, theirs, dtype, str(batch), f"{fast:.1f}", f"{slow:.1f}", f"{fast / slow:.2f}x",
-                 f"{PAPER_SPEED[ours] / PAPER_SPEED[theirs]:.2f}x"]
+        fast, slow = r["RepVGG"]["img_s"], r["ResNet"]["img_s"]
+        cells = [*pair, dtype, str(batch), f"{fast:.1f}", f"{slow:.1f}", f"{fast / slow:.2f}x",
+                 f"{PAPER_SPEED[pair[0]] / PAPER_SPEED[pair[1]]:.2f}x"]
         if has_torch:
-          cells += [f"{a['torch deploy']['img_s'] / b['torch deploy']['img_s']:.2f}x" if "torch deploy" in a
-                    and "torch deploy" in b else "-"]
-        a1, b1 = index.get((ours, 1, dtype)), index.get((theirs, 1, dtype))
-        cells += [f"{a1['jax deploy']['median_ms']:.1f} / {b1['jax deploy']['median_ms']:.1f}" if a1 and b1 else "-",
-                  f"{a['deploy_mem_mb']:.0f} / {b['deploy_mem_mb']:.0f}"]
+          a, b = r["timm RepVGG"]["img_s"], r["timm ResNet"]["img_s"]
+          cells += [f"{a:.1f} / {b:.1f}", f"{a / b:.2f}x"]
+        cells += [f"{r1['RepVGG']['median_ms']:.1f} / {r1['ResNet']['median_ms']:.1f}" if r1 else "-",
+                  f"{r['memory_mb']['RepVGG']:.0f} / {r['memory_mb']['ResNet']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
+def largest_map_mb(model, variables, x) -> float:
+  """The largest output of any layer of ``model`` on images ``x`` (shapes only, float32), in MB."""
+  def apply(variables, x):
+    return model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  _, state = jax.eval_shape(apply, variables, x)
+  return max(leaf.size for leaf in jax.tree.leaves(state["intermediates"])) * 4 / 2**20
+
+
 def activation_memory(names, batches, size: int) -> str:
-  """XLA's peak activation memory (temporaries, float32, compiled only) of each model's training form (in eval
-  mode) and deploy form, across batch sizes: the paper's Figure 3, measured. Beside it, one output feature map
-  of stage 1 (stride 4), for the paper's arithmetic (a residual block holds its input until the addition: two such
-  maps live at once where a plain block needs its input only until its convolution has run)."""
-  head = ["model", "batch", "training form MB", "deploy form MB", "training / deploy", "stage-1 map MB"]
+  """XLA's peak temporary memory (compiled only, float32) of each model's training form (in eval mode) and deploy
+  form (a ResNet's: BN folded, the shortcuts kept) across batch sizes: the paper's Figure 3, measured. The
+  temporaries can also hold batch-independent buffers (kernels re-laid out for small-map convolutions), so the
+  activations are read off the growth per image between consecutive batch sizes, and given in units of the
+  largest feature map for the paper's arithmetic: a plain layer needs its input and its output alive, a
+  multi-branch block each branch's output until the sum, a residual block its input until the addition."""
+  head = ["model", "batch", "temp MB training / deploy", "per image MB training / deploy", "training / deploy",
+          "largest map per image MB", "maps per image: training / deploy"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in names:
     model, deploy, fuse = forms(name, jnp.float32)
-    for batch in batches:
+    previous = None
+    for batch in sorted(batches):
       x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
       variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-      plain = jax.eval_shape(fuse, variables)
-      train_mb = peak_memory_mb(jax.jit(functools.partial(model.apply, train=False)), variables, x,
-                                activations_only=True)
-      deploy_mb = peak_memory_mb(jax.jit(deploy.apply), {"params": plain}, x, activations_only=True)
-      channels = (256 if resnet.RESNETS[name][0] else 64) if name in resnet.RESNETS else model.plan()[1].features
-      first_map = batch * (size // 4) ** 2 * channels * 4 / 2**20
-      lines.append(f"| {name} | {batch} | {train_mb:.1f} | {deploy_mb:.1f} | {train_mb / deploy_mb:.2f}x | "
-                   f"{first_map:.1f} |")
+      plain = {"params": jax.eval_shape(fuse, variables)}
+      temp = (peak_memory_mb(jax.jit(functools.partial(model.apply, train=False)), variables, x, activations_only=True),
+              peak_memory_mb(jax.jit(deploy.apply), plain, x, activations_only=True))
+      map_mb = largest_map_mb(deploy, plain, x) / batch
+      cells = [name, str(batch), f"{temp[0]:.1f} / {temp[1]:.1f}"]
+      if previous is None:
+        cells += ["-", "-", f"{map_mb:.2f}", "-"]
+      else:
+        per_image = [(t - p) / (batch - previous[0]) for t, p in zip(temp, previous[1])]
+        cells += [f"{per_image[0]:.2f} / {per_image[1]:.2f}", f"{per_image[0] / per_image[1]:.2f}x", f"{map_mb:.2f}",
+                  f"{per_image[0] / map_mb:.1f} / {per_image[1] / map_mb:.1f}"]
+      previous = (batch, temp)
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-  """The paper's ImageNet top-1 against measured throughput (largest batch, float32), like its Figure 1."""
+def plot(points: dict[str, dict[str, float]], batch: int, path: str) -> None:
+  """The paper's ImageNet top-1 against measured images/s, like its Figure 1: ``points`` maps a series' label
+  to {model: images/s}."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  best = {}
-  for r in rows:
-    if r["dtype"] == "float32" and r["model"] in PAPER_TOP1 and r["batch"] >= best.get(r["model"], {}).get("batch", 0):
-      best[r["model"]] = r
   fig, ax = plt.subplots(figsize=(6, 4))
-  for form, marker in (("jax train", "o"), ("jax deploy", "s")):
-    xs = [r[form]["img_s"] for r in best.values()]
-    ys = [PAPER_TOP1[m] for m in best]
-    ax.scatter(xs, ys, marker=marker, label=form.replace("jax ", "") + " form")
-  for m, r in best.items():
-    ax.annotate(m.replace("RepVGG-", ""), (r["jax deploy"]["img_s"], PAPER_TOP1[m]), fontsize=8,
-                xytext=(4, 2), textcoords="offset points")
-  ax.set_xlabel(f"measured images/s ({jax.devices()[0].platform}, batch {max(r['batch'] for r in best.values())})")
+  for (label, speeds), marker in zip(points.items(), "os^"):
+    names = [m for m in speeds if m in PAPER_TOP1]
+    ax.scatter([speeds[m] for m in names], [PAPER_TOP1[m] for m in names], marker=marker, label=label)
+    for m in names:
+      ax.annotate(m.replace("RepVGG-", "").replace("ResNet-", "R"), (speeds[m], PAPER_TOP1[m]), fontsize=8,
+                  xytext=(4, 2), textcoords="offset points")
+  ax.set_xlabel(f"measured images/s ({jax.devices()[0].platform}, batch {batch}, float32)")
   ax.set_ylabel("ImageNet top-1 (%, paper)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def plot_rows(rows: list[dict], path: str) -> None:
+  """``plot`` of ``bench_one`` rows (largest batch, float32): training and deploy forms."""
+  batch = max(r["batch"] for r in rows)
+  best = [r for r in rows if r["dtype"] == "float32" and r["batch"] == batch]
+  plot({label: {r["model"]: r[form]["img_s"] for r in best} for label, form in
+        (("training form", "jax train"), ("deploy form", "jax deploy"))}, batch, path)
+
+
+def plot_pairs(rows: list[dict], path: str) -> None:
+  """``plot`` of ``bench_pair`` rows (largest batch, float32): RepVGG's deploy form and the ResNets (a ResNet in
+  several pairs at its fastest)."""
+  batch = max(r["batch"] for r in rows)
+  points = {"RepVGG deploy form": {}, "ResNet (BN folded)": {}}
+  for r in rows:
+    if r["dtype"] == "float32" and r["batch"] == batch:
+      for (label, speeds), name, role in zip(points.items(), r["pair"], ("RepVGG", "ResNet")):
+        speeds[name] = max(speeds.get(name, 0.0), r[role]["img_s"])
+  plot(points, batch, path)
 
 
 def header(engines) -> str:
@@ -446,7 +510,8 @@ def main(argv):
   if FLAGS.torch_compile and "torch" not in FLAGS.engines:
     raise app.UsageError("--torch_compile needs --engines=...,torch.")
   if FLAGS.paper_pairs:
-    FLAGS.models = list(dict.fromkeys(name for pair in PAPER_PAIRS for name in pair))
+    if not FLAGS["models"].present:
+      FLAGS.models = list(dict.fromkeys(name for pair in PAPER_PAIRS for name in pair))
     FLAGS.batch_sizes = list(dict.fromkeys(["1"] + FLAGS.batch_sizes))
   for name in FLAGS.models:
     try:
@@ -460,24 +525,39 @@ def main(argv):
     raise cli.UserError(f"--batch_sizes must be positive integers; got {','.join(FLAGS.batch_sizes)}.")
   if not set(FLAGS.dtypes) <= {"float32", "bfloat16"}:
     raise cli.UserError(f"--dtypes: float32 and/or bfloat16; got {','.join(FLAGS.dtypes)}.")
-  rows = []
-  for name in FLAGS.models:
-    for batch in (int(b) for b in FLAGS.batch_sizes):
-      for dtype_name in FLAGS.dtypes:
-        rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.engines,
-                              FLAGS.train_step, FLAGS.torch_compile))
-        print(f"done: {name} batch {batch} {dtype_name}", flush=True)
-  print(f"\n{header(FLAGS.engines)}\n")
-  print(format_table(rows))
+  batches = [int(b) for b in FLAGS.batch_sizes]
   if FLAGS.paper_pairs:
-    print(f"\nThe paper's pairs (ResNets with BN folded into their convolutions):\n\n{format_pairs(rows)}")
+    pairs = [pair for pair in PAPER_PAIRS if set(pair) <= set(FLAGS.models)]
+    if not pairs:
+      raise cli.UserError(f"--paper_pairs: no pair of Table 4 among --models ({', '.join(FLAGS.models)}); pairs: "
+                          + ", ".join("/".join(pair) for pair in PAPER_PAIRS))
+    rows = []
+    for pair in pairs:
+      for batch in batches:
+        for dtype_name in FLAGS.dtypes:
+          rows.append(bench_pair(*pair, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.engines))
+          print(f"done: {'/'.join(pair)} batch {batch} {dtype_name}", flush=True)
+    print(f"\n{header(FLAGS.engines)}\n\nThe paper's pairs (ResNets with BN folded into their convolutions):\n\n"
+          f"{format_pairs(rows)}")
+    if FLAGS.plot:
+      plot_pairs(rows, FLAGS.plot)
+  else:
+    rows = []
+    for name in FLAGS.models:
+      for batch in batches:
+        for dtype_name in FLAGS.dtypes:
+          rows.append(bench_one(name, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.engines,
+                                FLAGS.train_step, FLAGS.torch_compile))
+          print(f"done: {name} batch {batch} {dtype_name}", flush=True)
+    print(f"\n{header(FLAGS.engines)}\n")
+    print(format_table(rows))
+    if FLAGS.plot:
+      plot_rows(rows, FLAGS.plot)
   if FLAGS.memory_batches:
     print(f"\nPeak activation memory (XLA, float32, {FLAGS.image_size} px):\n\n"
           f"{activation_memory(FLAGS.models, [int(b) for b in FLAGS.memory_batches], FLAGS.image_size)}")
   if FLAGS.plot:
-    plot(rows, FLAGS.plot)
     print(f"\nplot written to {FLAGS.plot}")
-
 
 if __name__ == "__main__":
   cli.run(main)

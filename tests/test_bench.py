@@ -66,3 +66,24 @@ def test_the_blocker_really_blocks_tensorflow():
   result = subprocess.run([sys.executable, "tests/no_tensorflow.py", "-c", "import tensorflow"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "blocked by tests/no_tensorflow.py" in result.stderr
+
+
+def test_paper_pairs_print_repvgg_beside_resnet_with_the_papers_ratio_and_the_memory_table(tmp_path):
+  plot = str(tmp_path / "pairs.png")
+  result = subprocess.run([sys.executable, "tests/no_tensorflow.py", "-m", "repvgg_jax.bench", "--paper_pairs",
+                           "--models=RepVGG-A0,ResNet-18", "--batch_sizes=2", "--image_size=32", "--repeats=2",
+                           "--memory_batches=1,4", f"--plot={plot}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  pairs = result.stdout.split("The paper's pairs")[1].split("Peak activation memory")[0]
+  rows = [line.split(" | ") for line in pairs.splitlines() if line.startswith("| RepVGG-A0 | ResNet-18 |")]
+  assert [row[3] for row in rows] == ["2"]  # Batch 1 is measured too, for the latency column only.
+  assert rows[0][7] == f"{3256 / 2442:.2f}x"  # The paper's ratio (Table 4).
+  memory = [line.split(" | ") for line in result.stdout.split("Peak activation memory")[1].splitlines()
+            if line.startswith("| RepVGG-A0 |") or line.startswith("| ResNet-18 |")]
+  assert [(row[0], row[1]) for row in memory] == [("| RepVGG-A0", "1"), ("| RepVGG-A0", "4"),
+                                                 ("| ResNet-18", "1"), ("| ResNet-18", "4")]
+  deploy_mb = {(row[0], row[1]): float(row[3]) for row in memory}
+  assert deploy_mb[("| RepVGG-A0", "4")] > deploy_mb[("| RepVGG-A0", "1")]  # Activations grow with the batch.
+  assert os.path.getsize(plot) > 5_000
+

@@ -17,3 +17,4 @@ def test_gpu_check_script_runs_and_prints_its_summary_last():
   assert "tests: 1 passed" in tail
   assert "| RepVGG-A0 | float32 |" in tail
   assert "CPU paths img/s" in result.stdout and "unfused bias img/s" in result.stdout
+  assert "| RepVGG-A0 | ResNet-18 | float32 | 2 |" in result.stdout and "maps per image" in result.stdout

@@ -191,6 +191,17 @@ def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradie
   np.testing.assert_array_equal(grad["linear"]["kernel"], np.ones((6, 10)))
 
 
+def onnxruntime_kernels(path, tmp_path) -> list[str]:
+  """The op types of onnxruntime's optimized graph (its portable optimizations: no layout transforms)."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  options = ort.SessionOptions()
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+  options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+  ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
 def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp_path, fmnist_dir):
   """Tiny run on the fake Fashion-MNIST, then PTQ and half a QAT epoch: metrics and the INT8 ONNX are written,
   and onnxruntime's INT8 graph gives the JAX fake-quantized model's predictions."""
@@ -211,5 +222,8 @@ def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp
   assert os.path.getsize(os.path.join(workdir, "deploy_int8.onnx")) > 0
   import onnx  # pylint: disable=g-import-not-at-top
   ops = [n.op_type for n in onnx.load(os.path.join(workdir, "deploy_int8.onnx")).graph.node]
-  assert ops.count("QuantizeLinear") == 5 + 1 + 1  # One per block (stage0, one per stage), the pool, the head.
+  # One per block (stage0, one per stage), the pool, and the head's input before and after Flatten.
+  assert ops.count("QuantizeLinear") == 5 + 1 + 2
+  assert set(onnxruntime_kernels(os.path.join(workdir, "deploy_int8.onnx"), tmp_path)) == {
+      "QuantizeLinear", "QLinearConv", "QLinearGlobalAveragePool", "Flatten", "QGemm"}  # Integer from end to end.
   assert "PTQ (W8A8" in result.stderr and "QAT step 4/4" in result.stderr  # Progress lines, as training's.
