@@ -368,7 +368,7 @@ def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, r
   calls, memory = {}, {}
   for role, name in (("RepVGG", ours), ("ResNet", theirs)):
     calls[role], memory[role] = _inference_call(name, batch, size, dtype_name)
-    if "torch" in engines:
+    if "torch" in engines and name in TIMM_NAMES:  # timm has no B1g2 (nor B2g2, B3g2).
       calls[f"timm {role}"] = _torch_calls(name, batch, size, dtype_name, False)["torch deploy"]
   times = time_calls(calls, repeats)
   return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory,
@@ -393,9 +393,11 @@ def format_pairs(rows: list[dict]) -> str:
         fast, slow = r["RepVGG"]["img_s"], r["ResNet"]["img_s"]
         cells = [*pair, dtype, str(batch), f"{fast:.1f}", f"{slow:.1f}", f"{fast / slow:.2f}x",
                  f"{PAPER_SPEED[pair[0]] / PAPER_SPEED[pair[1]]:.2f}x"]
-        if has_torch:
+        if has_torch and "timm RepVGG" in r:
           a, b = r["timm RepVGG"]["img_s"], r["timm ResNet"]["img_s"]
           cells += [f"{a:.1f} / {b:.1f}", f"{a / b:.2f}x"]
+        elif has_torch:
+          cells += ["-", "-"]
         cells += [f"{r1['RepVGG']['median_ms']:.1f} / {r1['ResNet']['median_ms']:.1f}" if r1 else "-",
                   f"{r['memory_mb']['RepVGG']:.0f} / {r['memory_mb']['ResNet']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -536,7 +538,8 @@ def main(argv):
       for batch in batches:
         for dtype_name in FLAGS.dtypes:
           rows.append(bench_pair(*pair, batch, FLAGS.image_size, dtype_name, FLAGS.repeats, FLAGS.engines))
-          print(f"done: {'/'.join(pair)} batch {batch} {dtype_name}", flush=True)
+          print(f"done: {'/'.join(pair)} batch {batch} {dtype_name}: "
+                f"{rows[-1]['RepVGG']['img_s']:.1f} / {rows[-1]['ResNet']['img_s']:.1f} img/s", flush=True)
     print(f"\n{header(FLAGS.engines)}\n\nThe paper's pairs (ResNets with BN folded into their convolutions):\n\n"
           f"{format_pairs(rows)}")
     if FLAGS.plot:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvgg_jax import torch_weights
 from repvgg_jax.backend import global_average_pool
 from repvgg_jax.models import BN_EPSILON, Conv
 from repvgg_jax.reparam import fuse_bn
@@ -119,28 +120,9 @@ def _torch_key(path: tuple[str, ...]) -> str:
 def from_timm_state_dict(state_dict: Mapping[str, Any], name: str) -> dict:
   """timm's / torchvision's ``resnet*`` state_dict (tensors or arrays) -> {'params', 'batch_stats'} of
   ``create_resnet(name)`` with its class count; strict: a missing, extra or reshaped key is a ValueError."""
-  state = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()
-           if not k.endswith("num_batches_tracked")}
-  model = create_resnet(name, num_classes=state["fc.weight"].shape[0])
+  model = create_resnet(name, num_classes=np.shape(state_dict["fc.weight"])[0])
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  used = set()
-
-  def take(path, leaf):
-    keys = tuple(getattr(p, "key", p) for p in path)
-    key = _torch_key(keys[1:])
-    if key not in state:
-      raise ValueError(f"{name}: the state_dict lacks {key}.")
-    value = state[key]
-    value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T if value.ndim == 2 else value
-    if value.shape != leaf.shape:
-      raise ValueError(f"{name}: {key} has shape {value.shape}, the model's is {leaf.shape}.")
-    used.add(key)
-    return value.astype(np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(take, dict(shapes))
-  if set(state) - used:
-    raise ValueError(f"{name}: unexpected keys {sorted(set(state) - used)[:5]}.")
-  return variables
+  return torch_weights.map_state_dict(state_dict, shapes, lambda path: _torch_key(path[1:]), name)
 
 
 def fold_batch_norms(variables: Mapping) -> dict:

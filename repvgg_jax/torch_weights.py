@@ -100,6 +100,51 @@ def _flax_to_torch(array: np.ndarray, key: str) -> np.ndarray:
   return array
 
 
+def map_state_dict(state_dict: Mapping[str, Any], shapes: Mapping, key_of, what: str) -> dict:
+  """A family's PyTorch state_dict -> the Flax tree of ``shapes`` (``jax.eval_shape`` of its init), each leaf
+  from the key ``key_of(path)`` (path: the leaf's names) in Flax layout; strict: a missing, extra or reshaped key
+  is a ValueError naming ``what``. ``num_batches_tracked`` buffers are ignored."""
+  state = {k: _to_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
+  used, problems = set(), []
+
+  def take(path, leaf):
+    key = key_of(tuple(p.key for p in path))
+    if key not in state:
+      problems.append(f"lacks {key}")
+      return np.zeros(leaf.shape, np.float32)
+    value = _torch_to_flax(state[key], leaf.shape)
+    used.add(key)
+    if value.shape != leaf.shape:
+      problems.append(f"{key} has shape {state[key].shape}, the model's {leaf.shape}")
+    return value.astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(take, dict(shapes))
+  if set(state) - used:
+    problems.append(f"has unexpected keys {_format(set(state) - used)}")
+  if problems:
+    raise ValueError(f"{what}: the state_dict {'; '.join(problems[:20])}.")
+  return variables
+
+
+def state_dict_of(variables: Mapping, key_of, is_linear) -> dict[str, np.ndarray]:
+  """The reverse of ``map_state_dict``: numpy arrays in PyTorch layout at ``key_of(path)``, 2-D kernels as
+  Linear weights where ``is_linear(key)`` and as 1x1 conv weights elsewhere, with the ``num_batches_tracked``
+  buffer (int64 0) beside each BatchNorm's running mean, so that PyTorch loads it strictly."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
+    names = tuple(p.key for p in path)
+    key = key_of(names)
+    array = np.asarray(leaf)
+    if array.ndim == 4:
+      array = array.transpose(3, 2, 0, 1)
+    elif array.ndim == 2:
+      array = array.T if is_linear(key) else array.T[:, :, None, None]
+    if names[-1] == "mean":
+      out[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
+    out[key] = np.array(array, order="C")
+  return out
+
+
 def _naming(keys) -> str:
   return "timm" if any(k.startswith(("stem.", "stages.", "head.")) for k in keys) else "official"
 

@@ -1,0 +1,300 @@
+"""RepViT (Wang et al., "RepViT: Revisiting Mobile CNN From ViT Perspective", CVPR 2024), as timm's ``repvit_*``.
+
+A MobileNetV3-style network rebuilt with a ViT's macro design. The stem is two 3x3 stride-2 conv+BN layers with a
+GELU between them; four stages follow. A RepViT block is a token mixer, RepVGGDW (a 3x3 depthwise conv+BN, a 1x1
+depthwise conv with a bias and the identity, summed, then one BN), squeeze-and-excitation on every other block,
+and a residual channel mixer, the FFN (1x1 conv+BN to twice the width, GELU, 1x1 conv+BN back). Stages 2-4 open
+with a downsample: a block without SE, a 3x3 depthwise stride-2 conv+BN, a 1x1 conv+BN to the stage's width and a
+residual FFN. The classifier is BN + Linear, twice (the distillation head); at inference it is their mean.
+
+The deploy form (``reparam``) is the same network with every conv+BN one convolution with a bias (``fuse_bn``),
+each RepVGGDW one depthwise 3x3 convolution (``pad_1x1_to_3x3``, ``identity_kernel`` with one group per channel
+and ``fuse_bn_after_sum``), the FFN's GELU and residual kept, and the two BN + Linear heads one Dense, as timm's
+``fuse`` does. Layout NHWC, kernels HWIO; module names are timm's, so that its keys map one to one.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repvgg_jax import torch_weights
+from repvgg_jax.backend import global_average_pool
+from repvgg_jax.models import BN_EPSILON, BN_MOMENTUM, Conv
+from repvgg_jax.reparam import fuse_bn, fuse_bn_after_sum, identity_kernel, pad_1x1_to_3x3
+
+MLP_RATIO = 2  # The FFN's hidden width, in units of the block's width (timm's default for every variant).
+SE_RATIO = 0.25  # timm's SqueezeExcite(dim, 0.25): hidden channels make_divisible(dim / 4, 8).
+
+
+@dataclasses.dataclass(frozen=True)
+class RepViTVariant:
+  widths: tuple[int, int, int, int]
+  depths: tuple[int, int, int, int]
+  timm_name: str
+
+
+VARIANTS = {
+    "RepViT-M0.9": RepViTVariant((48, 96, 192, 384), (2, 2, 14, 2), "repvit_m0_9"),
+    "RepViT-M1.0": RepViTVariant((56, 112, 224, 448), (2, 2, 14, 2), "repvit_m1_0"),
+    "RepViT-M1.1": RepViTVariant((64, 128, 256, 512), (2, 2, 12, 2), "repvit_m1_1"),
+    "RepViT-M1.5": RepViTVariant((64, 128, 256, 512), (4, 4, 24, 4), "repvit_m1_5"),
+    "RepViT-M2.3": RepViTVariant((80, 160, 320, 640), (6, 6, 34, 2), "repvit_m2_3"),
+}
+
+
+def se_hidden(channels: int, divisor: int = 8) -> int:
+  """timm's make_divisible(channels * SE_RATIO, 8): the nearest multiple of 8, at least 8."""
+  return max(divisor, int(channels * SE_RATIO + divisor / 2) // divisor * divisor)
+
+
+def gelu(x):
+  return nn.gelu(x, approximate=False)  # PyTorch's nn.GELU() is the exact (erf) one.
+
+
+class ConvNorm(nn.Module):
+  """k x k conv (padding k // 2) + BN, timm's ConvNorm ``c``, ``bn``; with ``norm`` None (the deploy form) one conv
+  ``c`` with a bias. (N, H, W, Cin) -> (N, H / strides, W / strides, features)."""
+
+  features: int
+  kernel_size: int = 1
+  strides: int = 1
+  groups: int = 1
+  norm: Optional[Callable[..., nn.Module]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = Conv(self.features, self.kernel_size, self.strides, self.groups, use_bias=self.norm is None,
+             dtype=self.dtype, name="c")(x)
+    return y if self.norm is None else self.norm(name="bn")(y, use_running_average=not train)
+
+
+class RepVGGDW(nn.Module):
+  """The token mixer: BN(DWConvBN3x3(x) + DWConv1x1(x) + x); deploy: one depthwise 3x3 conv ``conv`` with a bias.
+  Shape-preserving."""
+
+  norm: Optional[Callable[..., nn.Module]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    if self.norm is None:
+      return Conv(c, 3, groups=c, use_bias=True, dtype=self.dtype, name="conv")(x)
+    y = ConvNorm(c, 3, groups=c, norm=self.norm, dtype=self.dtype, name="conv")(x, train)
+    y = y + Conv(c, 1, groups=c, use_bias=True, dtype=self.dtype, name="conv1")(x) + x
+    return self.norm(name="bn")(y, use_running_average=not train)
+
+
+class SqueezeExcite(nn.Module):
+  """timm's SqueezeExcite: x * sigmoid(fc2(relu(fc1(mean_hw(x))))), fc1/fc2 1x1 convs with biases."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    s = global_average_pool(x)[:, None, None, :]
+    s = nn.relu(Conv(se_hidden(c), 1, use_bias=True, dtype=self.dtype, name="fc1")(s))
+    return x * nn.sigmoid(Conv(c, 1, use_bias=True, dtype=self.dtype, name="fc2")(s))
+
+
+class FFN(nn.Module):
+  """The channel mixer, residual: x + ConvNorm1x1(GELU(ConvNorm1x1(x))), width C -> MLP_RATIO C -> C (in both
+  forms: its BNs fold, the GELU and the residual stay)."""
+
+  norm: Optional[Callable[..., nn.Module]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    y = gelu(ConvNorm(c * MLP_RATIO, norm=self.norm, dtype=self.dtype, name="conv1")(x, train))
+    return x + ConvNorm(c, norm=self.norm, dtype=self.dtype, name="conv2")(y, train)
+
+
+class RepViTBlock(nn.Module):
+  """token mixer, SE where ``use_se``, residual FFN (timm names ``token_mixer``, ``se``, ``channel_mixer``)."""
+
+  use_se: bool
+  norm: Optional[Callable[..., nn.Module]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = RepVGGDW(self.norm, self.dtype, name="token_mixer")(x, train)
+    if self.use_se:
+      x = SqueezeExcite(self.dtype, name="se")(x)
+    return FFN(self.norm, self.dtype, name="channel_mixer")(x, train)
+
+
+class Downsample(nn.Module):
+  """A block without SE, 3x3 depthwise stride-2 ConvNorm, 1x1 ConvNorm to ``features``, residual FFN.
+  (N, H, W, C) -> (N, H / 2, W / 2, features)."""
+
+  features: int
+  norm: Optional[Callable[..., nn.Module]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    x = RepViTBlock(False, self.norm, self.dtype, name="pre_block")(x, train)
+    x = ConvNorm(c, 3, 2, groups=c, norm=self.norm, dtype=self.dtype, name="spatial_downsample")(x, train)
+    x = ConvNorm(self.features, norm=self.norm, dtype=self.dtype, name="channel_downsample")(x, train)
+    return FFN(self.norm, self.dtype, name="ffn")(x, train)
+
+
+class NormLinear(nn.Module):
+  """BN then Linear (timm's ``bn``, ``l``), (N, C) -> (N, num_classes)."""
+
+  num_classes: int
+  norm: Callable[..., nn.Module]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = self.norm(name="bn")(x, use_running_average=not train)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="l")(x)
+
+
+class RepViT(nn.Module):
+  """RepViT, both forms. (N, H, W, 3) -> (N, num_classes) logits, or with ``features_only`` the four stages'
+  outputs (strides 4, 8, 16, 32)."""
+
+  widths: Sequence[int]
+  depths: Sequence[int]
+  num_classes: int = 1000
+  deploy: bool = False
+  features_only: bool = False
+  bn_momentum: float = BN_MOMENTUM
+  bn_epsilon: float = BN_EPSILON
+  bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = None if self.deploy else functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+                                                      epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
+                                                      dtype=self.dtype)
+    conv_norm = functools.partial(ConvNorm, norm=norm, dtype=self.dtype)
+    x = gelu(conv_norm(self.widths[0] // 2, 3, 2, name="stem_conv1")(x, train))
+    x = conv_norm(self.widths[0], 3, 2, name="stem_conv2")(x, train)
+    features = []
+    for i, (width, depth) in enumerate(zip(self.widths, self.depths)):
+      if i > 0:
+        x = Downsample(width, norm, self.dtype, name=f"stages_{i}_downsample")(x, train)
+      for j in range(depth):
+        x = RepViTBlock(j % 2 == 0, norm, self.dtype, name=f"stages_{i}_blocks_{j}")(x, train)
+      features.append(x)
+    if self.features_only:
+      return features
+    x = global_average_pool(x)
+    if self.deploy:
+      return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    heads = [NormLinear(self.num_classes, norm, self.dtype, name=name)(x, train) for name in ("head", "head_dist")]
+    return (heads[0] + heads[1]) / 2
+
+
+def get_variant(name: str) -> RepViTVariant:
+  if name not in VARIANTS:
+    raise ValueError(f"unknown RepViT variant {name!r}; choose from {', '.join(VARIANTS)}.")
+  return VARIANTS[name]
+
+
+def create_repvit(name: str, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepViT:
+  variant = get_variant(name)
+  return RepViT(variant.widths, variant.depths, num_classes, deploy, **kwargs)
+
+
+# --------------------------------------------------------------------------- fusion.
+
+def _fuse_conv_norm(params: Mapping, stats: Mapping) -> dict:
+  kernel, bias = fuse_bn(params["c"]["kernel"], params["bn"]["scale"], params["bn"]["bias"], stats["bn"]["mean"],
+                         stats["bn"]["var"])
+  return {"c": {"kernel": kernel, "bias": bias}}
+
+
+def _fuse_repvgg_dw(params: Mapping, stats: Mapping) -> dict:
+  """RepVGGDW -> one depthwise 3x3: BN(fuse_bn(K3) + pad(K1) + I, b3 + b1)."""
+  dense = _fuse_conv_norm(params["conv"], stats["conv"])["c"]
+  channels = dense["kernel"].shape[-1]
+  kernel = (dense["kernel"] + pad_1x1_to_3x3(params["conv1"]["kernel"])
+            + identity_kernel(channels, channels, dense["kernel"].dtype))
+  bn, bn_stats = params["bn"], stats["bn"]
+  kernel, bias = fuse_bn_after_sum(kernel, dense["bias"] + params["conv1"]["bias"], bn["scale"], bn["bias"],
+                                   bn_stats["mean"], bn_stats["var"])
+  return {"kernel": kernel, "bias": bias}
+
+
+def _fuse_norm_linear(params: Mapping, stats: Mapping):
+  """BN then Linear -> (kernel, bias) of one Linear: the BN's affine map per input feature folded in."""
+  t = params["bn"]["scale"] / jnp.sqrt(stats["bn"]["var"] + BN_EPSILON)
+  shift = params["bn"]["bias"] - stats["bn"]["mean"] * t
+  kernel = params["l"]["kernel"]
+  return kernel * t[:, None], shift @ kernel + params["l"]["bias"]
+
+
+def _fuse_tree(params: Mapping, stats: Mapping) -> dict:
+  """Every RepVGGDW to its depthwise conv, every ConvNorm to its conv with a bias, the rest as it is."""
+  out = {}
+  for key, value in params.items():
+    if key == "token_mixer":
+      out[key] = {"conv": _fuse_repvgg_dw(value, stats[key])}
+    elif isinstance(value, Mapping) and set(value) == {"c", "bn"}:
+      out[key] = _fuse_conv_norm(value, stats[key])
+    elif isinstance(value, Mapping):
+      out[key] = _fuse_tree(value, stats.get(key, {}))
+    else:
+      out[key] = value
+  return out
+
+
+def reparam(variables: Mapping) -> dict:
+  """Training-form RepViT variables {'params', 'batch_stats'} -> the deploy form's params (pure, jittable)."""
+  params, stats = variables["params"], variables["batch_stats"]
+  body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, stats)
+  heads = [_fuse_norm_linear(params[h], stats[h]) for h in HEADS]
+  return {**body, "head": {"kernel": (heads[0][0] + heads[1][0]) / 2, "bias": (heads[0][1] + heads[1][1]) / 2}}
+
+
+# --------------------------------------------------------------------------- timm's keys.
+
+HEADS = ("head", "head_dist")
+
+
+def timm_key(path: tuple[str, ...], deploy: bool) -> str:
+  """A Flax leaf's path (collection first) -> timm's key, training form or fused (``timm.utils.reparameterize_model``):
+  ('params', 'stages_1_blocks_0', 'token_mixer', 'conv', 'c', 'kernel') -> 'stages.1.blocks.0.token_mixer.conv.c.weight';
+  fused, ('params', 'stages_1_blocks_0', 'token_mixer', 'conv', 'kernel') -> 'stages.1.blocks.0.token_mixer.weight'."""
+  _, top, *middle, leaf = path
+  if top.startswith(("stem_", "stages_")):
+    top = top.replace("_", ".")
+  elif top in HEADS:
+    top = "head" if deploy else f"head.{top}"
+  if deploy and middle and (middle[-1] == "c" or middle[-2:] == ["token_mixer", "conv"]):
+    middle = middle[:-1]  # timm's fused ConvNorm and RepVGGDW are one bare Conv2d each.
+  leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+  return ".".join([top, *middle, leaf])
+
+
+def from_timm_state_dict(state_dict: Mapping[str, Any], name: str) -> dict:
+  """timm's ``repvit_*`` state_dict, training form or fused (told apart by its keys) -> Flax variables of
+  ``create_repvit(name, deploy=...)`` with its class count; strict."""
+  deploy = "head.weight" in state_dict
+  classes = np.shape(state_dict["head.weight" if deploy else "head.head.l.weight"])[0]
+  model = create_repvit(name, classes, deploy=deploy)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  return torch_weights.map_state_dict(state_dict, shapes, functools.partial(timm_key, deploy=deploy), name)
+
+
+def to_timm_state_dict(variables: Mapping, deploy: bool) -> dict[str, np.ndarray]:
+  """Flax variables -> timm's state_dict (numpy, PyTorch layout) of the same form: ``load_state_dict`` takes it
+  strictly (through ``torch_weights.as_torch``)."""
+  return torch_weights.state_dict_of(variables, functools.partial(timm_key, deploy=deploy), lambda key: True)
