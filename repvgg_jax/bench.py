@@ -361,6 +361,18 @@ def _inference_call(name: str, batch: int, size: int, dtype_name: str) -> tuple[
   return (lambda: jax.block_until_ready(fn(params, x))), peak_memory_mb(fn, params, x)
 
 
+def gflop_per_image(name: str, size: int) -> float:
+  """XLA's count of floating-point operations of the inference form (``_inference_call``'s), per image, in GFLOP
+  (a multiply-add is 2): with images/s it gives the arithmetic rate each model reaches."""
+  model, deploy, fuse = forms(name, jnp.float32)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  params = {"params": jax.eval_shape(fuse, jax.eval_shape(functools.partial(model.init, train=False),
+                                                          jax.random.key(0), x))}
+  cost = jax.jit(deploy.apply).lower(params, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / 1e9
+
+
 def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, repeats: int, engines) -> dict:
   """One of the paper's pairs at one batch and dtype: the two inference forms timed interleaved in one run (and
   timm's two, eager, where the torch engine is on: its RepVGG re-parameterized, its ResNet as the paper ran it,
@@ -372,6 +384,7 @@ def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, r
       calls[f"timm {role}"] = _torch_calls(name, batch, size, dtype_name, False)["torch deploy"]
   times = time_calls(calls, repeats)
   return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory,
+          "gflop": {role: gflop_per_image(name, size) for role, name in (("RepVGG", ours), ("ResNet", theirs))},
           **{role: _summary(seconds, batch) for role, seconds in times.items()}}
 
 
@@ -382,7 +395,8 @@ def format_pairs(rows: list[dict]) -> str:
   has_torch = any("timm RepVGG" in r for r in rows)
   head = ["RepVGG", "ResNet", "dtype", "batch", "RepVGG img/s", "ResNet img/s", "ratio", "paper ratio"]
   head += ["timm RepVGG / ResNet img/s", "timm ratio"] if has_torch else []
-  head += ["batch-1 ms RepVGG / ResNet", "memory MB RepVGG / ResNet"]
+  head += ["batch-1 ms RepVGG / ResNet", "memory MB RepVGG / ResNet", "GFLOP/image RepVGG / ResNet",
+           "GFLOP/s reached RepVGG / ResNet"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for dtype in sorted({r["dtype"] for r in rows}, reverse=True):
     for batch in sorted({r["batch"] for r in rows if r["batch"] > 1} or {1}):
@@ -399,7 +413,9 @@ def format_pairs(rows: list[dict]) -> str:
         elif has_torch:
           cells += ["-", "-"]
         cells += [f"{r1['RepVGG']['median_ms']:.1f} / {r1['ResNet']['median_ms']:.1f}" if r1 else "-",
-                  f"{r['memory_mb']['RepVGG']:.0f} / {r['memory_mb']['ResNet']:.0f}"]
+                  f"{r['memory_mb']['RepVGG']:.0f} / {r['memory_mb']['ResNet']:.0f}",
+                  f"{r['gflop']['RepVGG']:.2f} / {r['gflop']['ResNet']:.2f}",
+                  f"{r['gflop']['RepVGG'] * fast:.0f} / {r['gflop']['ResNet'] * slow:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
