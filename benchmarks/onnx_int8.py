@@ -38,14 +38,14 @@ def batches(source, config, split: str, batch_size: int, limit: int = -1):
     yield batch["image"].transpose(0, 3, 1, 2), batch["label"], batch["mask"]
 
 
-class Calibration:  # onnxruntime's CalibrationDataReader protocol.
+class Calibration:  # onnxruntime's CalibrationDataReader protocol, over NCHW float32 batches.
 
-  def __init__(self, source, config, num_batches: int):
-    self._it = (images for images, _, _ in batches(source, config, "train", 64, num_batches))
+  def __init__(self, nchw_batches):
+    self._it = iter(nchw_batches)
 
   def get_next(self):
     images = next(self._it, None)
-    return None if images is None else {"images": images}
+    return None if images is None else {"images": np.ascontiguousarray(images)}
 
 
 def accuracy(session, source, config) -> float:
@@ -85,16 +85,6 @@ def onnxruntime_ptq(fp32: str, tmp: str, calibration) -> dict[str, str]:
   return paths
 
 
-class Images:  # onnxruntime's CalibrationDataReader protocol, over NHWC batches.
-
-  def __init__(self, batches):
-    self._it = iter(batches)
-
-  def get_next(self):
-    images = next(self._it, None)
-    return None if images is None else {"images": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
-
-
 def speed_table(sessions: dict, repeats: int, shape) -> str:
   """Markdown: images/s at batch 1 and 32 of each session, against float32 and against ORT's per-channel PTQ."""
   speeds = {b: throughput(sessions, b, repeats, shape) for b in (1, 32)}
@@ -122,7 +112,7 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, "fp32.onnx")
     export.to_onnx(deploy, params, fp32)
-    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Images(images))}
+    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(x.transpose(0, 3, 1, 2) for x in images))}
     sessions = {graph: export.onnx_session(path, threads) for graph, path in paths.items()}
     sessions["int8 Qwix scales (ours)"] = export.onnx_session(
         export.to_onnx(deploy, params, int8=quantize.int8_layers(params, stats)), threads)
@@ -157,8 +147,8 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, "fp32.onnx")
     export.to_onnx(deploy, params, fp32)
-    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(source, config,
-                                                                               args.calibration_batches))}
+    paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(
+        images for images, _, _ in batches(source, config, "train", 64, args.calibration_batches)))}
     ours = os.path.join(args.workdir, "deploy_int8.onnx")  # python -m repvgg_jax.quantize's graph, if written.
     if os.path.exists(ours):
       paths["int8 Qwix scales (ours)"] = ours

@@ -105,7 +105,12 @@ def time_calls(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 def peak_memory_mb(jitted, *args, activations_only: bool = False) -> float:
   """XLA's compiled memory: arguments (weights, images) + outputs + temporaries (activations), in MB; with
   ``activations_only``, the temporaries alone."""
-  stats = jitted.lower(*args).compile().memory_analysis()
+  return _memory_mb(jitted.lower(*args).compile(), activations_only)
+
+
+def _memory_mb(compiled, activations_only: bool = False) -> float:
+  """``peak_memory_mb`` of an already compiled executable."""
+  stats = compiled.memory_analysis()
   if stats is None:
     return float("nan")
   temp = stats.temp_size_in_bytes
@@ -350,41 +355,31 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _inference_call(name: str, batch: int, size: int, dtype_name: str) -> tuple[Callable[[], object], float]:
+def _inference_call(name: str, batch: int, size: int, dtype_name: str) -> tuple[Callable[[], object], float, float]:
   """(a zero-argument timed call of the model's inference form in JAX: RepVGG's deploy form, a ResNet with BN
-  folded; XLA's compiled memory of it in MB)."""
+  folded; XLA's compiled memory of it in MB; XLA's count of its floating-point operations per image in GFLOP, a
+  multiply-add counting 2, which with images/s gives the arithmetic rate the model reaches)."""
   model, deploy, fuse = forms(name, jnp.dtype(dtype_name))
   x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
   params = {"params": jax.jit(fuse)(variables)}
-  fn = jax.jit(deploy.apply)
-  return (lambda: jax.block_until_ready(fn(params, x))), peak_memory_mb(fn, params, x)
-
-
-def gflop_per_image(name: str, size: int) -> float:
-  """XLA's count of floating-point operations of the inference form (``_inference_call``'s), per image, in GFLOP
-  (a multiply-add is 2): with images/s it gives the arithmetic rate each model reaches."""
-  model, deploy, fuse = forms(name, jnp.float32)
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  params = {"params": jax.eval_shape(fuse, jax.eval_shape(functools.partial(model.init, train=False),
-                                                          jax.random.key(0), x))}
-  cost = jax.jit(deploy.apply).lower(params, x).compile().cost_analysis()
+  compiled = jax.jit(deploy.apply).lower(params, x).compile()
+  cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) / 1e9
+  return (lambda: jax.block_until_ready(compiled(params, x))), _memory_mb(compiled), float(cost["flops"]) / batch / 1e9
 
 
 def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, repeats: int, engines) -> dict:
   """One of the paper's pairs at one batch and dtype: the two inference forms timed interleaved in one run (and
   timm's two, eager, where the torch engine is on: its RepVGG re-parameterized, its ResNet as the paper ran it,
-  BN unfused), with XLA's compiled memory of each."""
-  calls, memory = {}, {}
+  BN unfused), with XLA's compiled memory and FLOP count of each."""
+  calls, memory, gflop = {}, {}, {}
   for role, name in (("RepVGG", ours), ("ResNet", theirs)):
-    calls[role], memory[role] = _inference_call(name, batch, size, dtype_name)
+    calls[role], memory[role], gflop[role] = _inference_call(name, batch, size, dtype_name)
     if "torch" in engines and name in TIMM_NAMES:  # timm has no B1g2 (nor B2g2, B3g2).
       calls[f"timm {role}"] = _torch_calls(name, batch, size, dtype_name, False)["torch deploy"]
   times = time_calls(calls, repeats)
-  return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory,
-          "gflop": {role: gflop_per_image(name, size) for role, name in (("RepVGG", ours), ("ResNet", theirs))},
+  return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory, "gflop": gflop,
           **{role: _summary(seconds, batch) for role, seconds in times.items()}}
 
 

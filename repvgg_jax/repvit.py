@@ -30,6 +30,7 @@ from repvgg_jax.reparam import fuse_bn, fuse_bn_after_sum, identity_kernel, pad_
 
 MLP_RATIO = 2  # The FFN's hidden width, in units of the block's width (timm's default for every variant).
 SE_RATIO = 0.25  # timm's SqueezeExcite(dim, 0.25): hidden channels make_divisible(dim / 4, 8).
+HEADS = ("head", "head_dist")  # The classifier and its distillation twin, averaged at inference.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +199,7 @@ class RepViT(nn.Module):
     x = global_average_pool(x)
     if self.deploy:
       return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    heads = [NormLinear(self.num_classes, norm, self.dtype, name=name)(x, train) for name in ("head", "head_dist")]
+    heads = [NormLinear(self.num_classes, norm, self.dtype, name=name)(x, train) for name in HEADS]
     return (heads[0] + heads[1]) / 2
 
 
@@ -215,58 +216,58 @@ def create_repvit(name: str, num_classes: int = 1000, deploy: bool = False, **kw
 
 # --------------------------------------------------------------------------- fusion.
 
-def _fuse_conv_norm(params: Mapping, stats: Mapping) -> dict:
+def _fuse_conv_norm(params: Mapping, stats: Mapping, eps: float) -> dict:
   kernel, bias = fuse_bn(params["c"]["kernel"], params["bn"]["scale"], params["bn"]["bias"], stats["bn"]["mean"],
-                         stats["bn"]["var"])
+                         stats["bn"]["var"], eps)
   return {"c": {"kernel": kernel, "bias": bias}}
 
 
-def _fuse_repvgg_dw(params: Mapping, stats: Mapping) -> dict:
+def _fuse_repvgg_dw(params: Mapping, stats: Mapping, eps: float) -> dict:
   """RepVGGDW -> one depthwise 3x3: BN(fuse_bn(K3) + pad(K1) + I, b3 + b1)."""
-  dense = _fuse_conv_norm(params["conv"], stats["conv"])["c"]
+  dense = _fuse_conv_norm(params["conv"], stats["conv"], eps)["c"]
   channels = dense["kernel"].shape[-1]
   kernel = (dense["kernel"] + pad_1x1_to_3x3(params["conv1"]["kernel"])
             + identity_kernel(channels, channels, dense["kernel"].dtype))
   bn, bn_stats = params["bn"], stats["bn"]
   kernel, bias = fuse_bn_after_sum(kernel, dense["bias"] + params["conv1"]["bias"], bn["scale"], bn["bias"],
-                                   bn_stats["mean"], bn_stats["var"])
+                                   bn_stats["mean"], bn_stats["var"], eps)
   return {"kernel": kernel, "bias": bias}
 
 
-def _fuse_norm_linear(params: Mapping, stats: Mapping):
-  """BN then Linear -> (kernel, bias) of one Linear: the BN's affine map per input feature folded in."""
-  t = params["bn"]["scale"] / jnp.sqrt(stats["bn"]["var"] + BN_EPSILON)
-  shift = params["bn"]["bias"] - stats["bn"]["mean"] * t
+def _fuse_norm_linear(params: Mapping, stats: Mapping, eps: float):
+  """BN then Linear -> (kernel, bias) of one Linear: the BN's per-feature affine map x t + shift (``fuse_bn`` of a
+  unit kernel) folded into the kernel's rows and the bias."""
+  bn = params["bn"]
+  t, shift = fuse_bn(jnp.ones_like(bn["scale"]), bn["scale"], bn["bias"], stats["bn"]["mean"], stats["bn"]["var"], eps)
   kernel = params["l"]["kernel"]
   return kernel * t[:, None], shift @ kernel + params["l"]["bias"]
 
 
-def _fuse_tree(params: Mapping, stats: Mapping) -> dict:
+def _fuse_tree(params: Mapping, stats: Mapping, eps: float) -> dict:
   """Every RepVGGDW to its depthwise conv, every ConvNorm to its conv with a bias, the rest as it is."""
   out = {}
   for key, value in params.items():
     if key == "token_mixer":
-      out[key] = {"conv": _fuse_repvgg_dw(value, stats[key])}
+      out[key] = {"conv": _fuse_repvgg_dw(value, stats[key], eps)}
     elif isinstance(value, Mapping) and set(value) == {"c", "bn"}:
-      out[key] = _fuse_conv_norm(value, stats[key])
+      out[key] = _fuse_conv_norm(value, stats[key], eps)
     elif isinstance(value, Mapping):
-      out[key] = _fuse_tree(value, stats.get(key, {}))
+      out[key] = _fuse_tree(value, stats.get(key, {}), eps)
     else:
       out[key] = value
   return out
 
 
-def reparam(variables: Mapping) -> dict:
-  """Training-form RepViT variables {'params', 'batch_stats'} -> the deploy form's params (pure, jittable)."""
+def reparam(variables: Mapping, eps: float = BN_EPSILON) -> dict:
+  """Training-form RepViT variables {'params', 'batch_stats'} -> the deploy form's params (pure, jittable); ``eps``
+  must be the BatchNorms' epsilon, as for ``repvgg_jax.reparam``."""
   params, stats = variables["params"], variables["batch_stats"]
-  body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, stats)
-  heads = [_fuse_norm_linear(params[h], stats[h]) for h in HEADS]
+  body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, stats, eps)
+  heads = [_fuse_norm_linear(params[h], stats[h], eps) for h in HEADS]
   return {**body, "head": {"kernel": (heads[0][0] + heads[1][0]) / 2, "bias": (heads[0][1] + heads[1][1]) / 2}}
 
 
 # --------------------------------------------------------------------------- timm's keys.
-
-HEADS = ("head", "head_dist")
 
 
 def timm_key(path: tuple[str, ...], deploy: bool) -> str:
@@ -280,8 +281,7 @@ def timm_key(path: tuple[str, ...], deploy: bool) -> str:
     top = "head" if deploy else f"head.{top}"
   if deploy and middle and (middle[-1] == "c" or middle[-2:] == ["token_mixer", "conv"]):
     middle = middle[:-1]  # timm's fused ConvNorm and RepVGGDW are one bare Conv2d each.
-  leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-  return ".".join([top, *middle, leaf])
+  return ".".join([top, *middle, torch_weights.LEAF_TO_TORCH[leaf]])
 
 
 def from_timm_state_dict(state_dict: Mapping[str, Any], name: str) -> dict:

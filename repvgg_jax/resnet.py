@@ -113,8 +113,7 @@ def _torch_key(path: tuple[str, ...]) -> str:
     names[-1] = "0" if names[-1] == "conv" else "1"
   elif names[-1] in ("conv", "bn"):
     names = names[:-2] + [("conv" if names[-1] == "conv" else "bn") + names[-2][-1]]
-  leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-  return ".".join(names + [leaf])
+  return ".".join(names + [torch_weights.LEAF_TO_TORCH[leaf]])
 
 
 def from_timm_state_dict(state_dict: Mapping[str, Any], name: str) -> dict:

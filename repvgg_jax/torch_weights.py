@@ -31,7 +31,7 @@ _TIMM_RENAMES = {
     "mobileone": {"rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity", "se": "attn",
                   "reduce": "fc1", "expand": "fc2"},
 }
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
@@ -59,7 +59,7 @@ def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylin
   block = re.sub(r"^(stage\d(?:_first|_second)?)_(\d+)$", r"\1.blocks.\2" if family == "repvggplus" else r"\1.\2",
                  path[0])
   middle = (re.sub(r"^rbr_conv_(\d+)$", r"rbr_conv.\1", _OFFICIAL_RENAMES[family].get(p, p)) for p in path[1:-1])
-  return ".".join((block, *middle, _LEAF_TO_TORCH[path[-1]]))
+  return ".".join((block, *middle, LEAF_TO_TORCH[path[-1]]))
 
 
 def official_to_timm(key: str, family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
@@ -91,12 +91,13 @@ def _torch_to_flax(array: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray
   return array
 
 
-def _flax_to_torch(array: np.ndarray, key: str) -> np.ndarray:
+def _flax_to_torch(array: np.ndarray, linear: bool) -> np.ndarray:
+  """One Flax leaf in PyTorch layout: HWIO -> OIHW; a 2-D kernel as a Linear weight (out, in) where ``linear``,
+  else as the 1x1 conv it is in PyTorch (SE layers)."""
   if array.ndim == 4:
     return array.transpose(3, 2, 0, 1)
   if array.ndim == 2:
-    out = array.T
-    return out if _LINEAR.match(key) else out[:, :, None, None]  # SE layers are 1x1 convs in PyTorch.
+    return array.T if linear else array.T[:, :, None, None]
   return array
 
 
@@ -127,21 +128,19 @@ def map_state_dict(state_dict: Mapping[str, Any], shapes: Mapping, key_of, what:
 
 
 def state_dict_of(variables: Mapping, key_of, is_linear) -> dict[str, np.ndarray]:
-  """The reverse of ``map_state_dict``: numpy arrays in PyTorch layout at ``key_of(path)``, 2-D kernels as
-  Linear weights where ``is_linear(key)`` and as 1x1 conv weights elsewhere, with the ``num_batches_tracked``
-  buffer (int64 0) beside each BatchNorm's running mean, so that PyTorch loads it strictly."""
+  """The reverse of ``map_state_dict``: numpy arrays in PyTorch layout at ``key_of(path)`` (None: a leaf PyTorch
+  has no counterpart of), 2-D kernels as Linear weights where ``is_linear(key)`` and as 1x1 conv weights
+  elsewhere, with the ``num_batches_tracked`` buffer (int64 0) beside each BatchNorm's running mean, so that
+  PyTorch loads it strictly."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = tuple(p.key for p in path)
     key = key_of(names)
-    array = np.asarray(leaf)
-    if array.ndim == 4:
-      array = array.transpose(3, 2, 0, 1)
-    elif array.ndim == 2:
-      array = array.T if is_linear(key) else array.T[:, :, None, None]
+    if key is None:
+      continue
     if names[-1] == "mean":
       out[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
-    out[key] = np.array(array, order="C")
+    out[key] = np.array(_flax_to_torch(np.asarray(leaf), bool(is_linear(key))), order="C")  # Writable, contiguous.
   return out
 
 
@@ -258,15 +257,8 @@ def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict
   kind = _family_of(variables)
   if kind in NO_TIMM and naming == "timm":
     raise ValueError(f"timm has no {NO_TIMM[kind]} (official) naming: use naming='official'.")
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
-    names = tuple(p.key for p in path)
-    if _is_identity_gain(names):
-      continue
-    key = official_key(names[1:], kind)
-    if names[0] == "batch_stats" and names[-1] == "mean":
-      out[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
-    out[key] = np.array(_flax_to_torch(np.asarray(leaf), key), order="C")  # A writable, contiguous copy.
+  out = state_dict_of(variables, lambda names: None if _is_identity_gain(names) else official_key(names[1:], kind),
+                      _LINEAR.match)
   if naming == "timm":
     out = {official_to_timm(k, kind): v for k, v in out.items()}
   return out
