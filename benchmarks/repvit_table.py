@@ -37,8 +37,8 @@ def main(argv):
     expected = wellposed.torch_logits(model, x)
     variables = repvit.from_timm_state_dict(model.state_dict(), name)
     with jax.enable_x64(True):
-      plain = jax.tree.map(np.asarray, repvit.reparam(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                                                                   variables)))
+      as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+      plain = jax.tree.map(np.asarray, repvit.reparam(as64["params"], as64["batch_stats"]))
     fused = reparameterize_model(model).double()
     loaded = repvit.from_timm_state_dict(fused.state_dict(), name)
     errors = (wellposed.spread_error(float64_logits(name, variables, x), expected),

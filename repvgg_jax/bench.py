@@ -39,7 +39,7 @@ from absl import app, flags
 
 import repvgg_jax as rv
 from repvgg_jax import cli, resnet
-from repvgg_jax.variants import get_variant
+from repvgg_jax.families import get_variant
 from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names, and the baselines ResNet-18/34/50/101/152.")

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 
 from repvgg_jax import checkpoints, cli, export
-from repvgg_jax.models import create_model
+from repvgg_jax.families import create_model
 from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
 from repvgg_jax.weights import NEEDS_TORCH, VERIFY_SHAPE, fused, load_orbax, load_pth
 

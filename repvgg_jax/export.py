@@ -17,27 +17,28 @@ from jax import export as jax_export
 
 from repvgg_jax import equivalence
 from repvgg_jax.models import check_variables
-from repvgg_jax.reparam import CONV_BRANCH, IDENTITY_BRANCHES, SMALL_BRANCHES
+from repvgg_jax.plan import layer_key
 
 
-def _assert_plain(params: Mapping, path: str = "") -> None:
-  for key, value in params.items():
-    if CONV_BRANCH.fullmatch(key) or key in SMALL_BRANCHES + IDENTITY_BRANCHES:
-      raise ValueError(f"{path + key!r} is a training-time branch: export the plain model, i.e. "
-                       "reparam(params, batch_stats) into create_model(name, deploy=True).")
-    if isinstance(value, Mapping):
-      _assert_plain(value, f"{path}{key}/")
+def input_channels(model, params: Mapping) -> int:
+  """The image channels the params take: the input side of the first deploy layer's kernel."""
+  first = params.get(model.deploy_plan()[0].name) if isinstance(params, Mapping) else None
+  kernels = [leaf for leaf in jax.tree.leaves(first) if np.ndim(leaf) == 4] if isinstance(first, Mapping) else []
+  if not kernels:
+    raise ValueError(f"params hold no kernel under {model.deploy_plan()[0].name!r}: not the params of this model.")
+  return int(np.shape(kernels[0])[2])
 
 
 def check_deploy_params(model, params: Mapping) -> None:
-  """Raises ValueError unless ``model`` is a deploy-form network and ``params`` exactly its parameter tree."""
+  """Raises ValueError unless ``model`` is a deploy-form network and ``params`` exactly its parameter tree; the
+  params of the model's training form are told apart, with what to do instead."""
   if not getattr(model, "deploy", False):
     raise ValueError("export takes the deploy-form model: create_model(name, deploy=True).")
-  _assert_plain(params)
-  try:
-    channels = params["stage0"]["rbr_reparam"]["kernel"].shape[2]
-  except (KeyError, TypeError, AttributeError) as e:
-    raise ValueError("params hold no 'stage0/rbr_reparam/kernel': not the params of a deploy model.") from e
+  channels = input_channels(model, params)
+  training = jax.eval_shape(model.clone(deploy=False).init, jax.random.key(0), jnp.zeros((1, 32, 32, channels)))
+  if jax.tree.structure(dict(training["params"])) == jax.tree.structure(dict(params)):
+    raise ValueError("params hold the model's training-time branches, not its plain form: export the plain model, "
+                     "i.e. reparam(params, batch_stats) into create_model(name, deploy=True).")
   check_variables(model, {"params": params}, channels)
 
 
@@ -70,8 +71,129 @@ def load(path: str) -> Callable[[jax.Array], jax.Array]:
 
 # --------------------------------------------------------------------------- ONNX.
 
-ONNX_OPSET = 17  # Every op used (Conv, Relu, Sigmoid, Mul, GlobalAveragePool, Flatten, Gemm, per-axis QDQ) is older.
+ONNX_OPSET = 17  # Every op used (Conv, Relu, Erf, Sigmoid, Add, Mul, Div, GlobalAveragePool, Flatten, Gemm, per-axis
+# QDQ) is older.
 ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer than it knows.
+
+
+POOL = "pool"  # The INT8 name of the global pool's input grid (``quantize.int8_layers``).
+
+
+class OnnxGraph:
+  """The ONNX nodes of a deploy network under construction, for the block kinds' emitters (``plan.BlockKind``).
+
+  Layers are named by their parameter paths ("stage1_0/rbr_reparam"), nodes by the same path with dots. With
+  ``int8`` (``quantize.int8_layers``: per quantized layer's path an input grid, int8 weights and per-output-channel
+  weight scales), a convolution or the classifier of a listed layer is emitted in QDQ form: its input through
+  QuantizeLinear/DequantizeLinear on its static grid (as uint8, the zero point moved by 128: the same grid), its
+  weight the int8 grid as uint8 (zero point 128) and its bias an int32 tensor behind per-channel DequantizeLinear ops, which onnxruntime fuses
+  into integer kernels (a ReLU before a zero point of 0 folds away); the rest stays float.
+  """
+
+  def __init__(self, model, params: Mapping, int8: Optional[Mapping[str, Mapping]] = None):
+    from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+    self._helper, self._numpy_helper = helper, numpy_helper
+    self.params, self.int8, self._quantized_modules = params, int8, model.quantized_modules
+    self.nodes, self.weights = [], []
+
+  def layer(self, path: str) -> Mapping:
+    tree = self.params
+    for key in path.split("/"):
+      tree = tree[key]
+    return tree
+
+  def out_channels(self, path: str) -> int:
+    return int(np.shape(self.layer(path)["kernel"])[-1])
+
+  def constant(self, name: str, array, dtype=np.float32) -> str:
+    self.weights.append(self._numpy_helper.from_array(np.ascontiguousarray(array, dtype), name))
+    return name
+
+  def node(self, op: str, inputs, name: str, **attrs) -> str:
+    self.nodes.append(self._helper.make_node(op, list(inputs), [name], name=name, **attrs))
+    return name
+
+  def _grid(self, path: str) -> Optional[Mapping]:
+    """The INT8 grid of the layer at ``path`` (or of ``POOL``); None where it stays float."""
+    key = path if path == POOL else layer_key(self._quantized_modules, path)
+    return None if self.int8 is None or key is None else self.int8.get(key)
+
+  def quantized_input(self, x: str, path: str, name: str) -> str:
+    """``x`` on the input grid of the layer at ``path`` (QuantizeLinear, DequantizeLinear); ``x`` where not INT8."""
+    grid = self._grid(path)
+    if grid is None:
+      return x
+    # uint8 with the zero point moved by 128 is the JAX model's int8 grid exactly; s8 activations cost onnxruntime
+    # a conversion per call.
+    scale = self.constant(f"{name}.input_scale", grid["input_scale"])
+    zero = self.constant(f"{name}.input_zero_point", grid["input_zero_point"] + 128, np.uint8)
+    return self.node("DequantizeLinear", [self.node("QuantizeLinear", [x, scale, zero], f"{name}.input_q"), scale,
+                                          zero], f"{name}.input_dq")
+
+  def _weight_and_bias(self, path: str, name: str, layout, axis: int) -> tuple[str, str]:
+    params, grid = self.layer(path), self._grid(path)
+    if grid is None:
+      return (self.constant(f"{name}.weight", layout(np.asarray(params["kernel"]))),
+              self.constant(f"{name}.bias", params["bias"]))
+    # The int8 weights as uint8 with a zero point of 128 (the same grid): onnxruntime multiplies u8 x u8 in 16 bits,
+    # exactly, while its u8 x s8 kernels on CPUs without VNNI (AVX2) saturate pairs of products at 16 bits, which put
+    # an AVX2 machine's logits 1.22 of their spread off the JAX model's on a shallow MobileOne (u8 x u8: 0.11, as
+    # onnxruntime's float emulation of the same graph).
+    q, scale = layout(grid["weight"]), grid["weight_scale"]
+    w = self.node("DequantizeLinear", [self.constant(f"{name}.weight_uint8", np.asarray(q, np.int16) + 128, np.uint8),
+                                       self.constant(f"{name}.weight_scale", scale),
+                                       self.constant(f"{name}.weight_zero_point", np.full(scale.shape, 128), np.uint8)],
+                  f"{name}.weight", axis=axis)
+    # int32 at the input scale times the weight scales, as integer kernels add it (<= half a step off).
+    bias_scale = np.float32(grid["input_scale"]) * scale
+    b = self.node("DequantizeLinear", [
+        self.constant(f"{name}.bias_int32", np.round(np.asarray(params["bias"]) / bias_scale), np.int32),
+        self.constant(f"{name}.bias_scale", bias_scale),
+        self.constant(f"{name}.bias_zero_point", np.zeros(scale.shape), np.int32)], f"{name}.bias", axis=0)
+    return w, b
+
+  def conv(self, x: str, path: str, strides: int = 1, groups: int = 1) -> str:
+    """Conv with the kernel and bias at ``path`` (HWIO, transposed here to OIHW, so the graph holds no Transpose;
+    a 2-D Dense kernel as a 1x1 convolution), padding k // 2."""
+    name = path.replace("/", ".")
+    k = np.shape(self.layer(path)["kernel"])
+    size = k[0] if len(k) == 4 else 1
+    oihw = lambda a: a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T[:, :, None, None]
+    w, b = self._weight_and_bias(path, name, oihw, 0)
+    return self.node("Conv", [self.quantized_input(x, path, name), w, b], name, kernel_shape=[size, size],
+                     pads=[size // 2] * 4, strides=[strides, strides], group=groups)
+
+  def relu(self, x: str, name: str) -> str:
+    return self.node("Relu", [x], name.replace("/", "."))
+
+  def gelu(self, x: str, name: str) -> str:
+    """The exact GELU, x (1 + erf(x / sqrt 2)) / 2 (opset 17 has no Gelu op; onnxruntime fuses this pattern)."""
+    name = name.replace("/", ".")
+    erf = self.node("Erf", [self.node("Div", [x, self.constant(f"{name}.sqrt2", np.sqrt(2.0))], f"{name}.div")],
+                    f"{name}.erf")
+    one_plus = self.node("Add", [erf, self.constant(f"{name}.one", 1.0)], f"{name}.add")
+    return self.node("Mul", [self.node("Mul", [x, one_plus], f"{name}.mul"), self.constant(f"{name}.half", 0.5)],
+                     name)
+
+  def add(self, a: str, b: str, name: str) -> str:
+    return self.node("Add", [a, b], name.replace("/", "."))
+
+  def squeeze_excite(self, x: str, path: str, reduce: str, expand: str) -> str:
+    """x * sigmoid(expand(relu(reduce(mean_hw(x))))), ``reduce`` and ``expand`` the layers under ``path``."""
+    name = path.replace("/", ".")
+    s = self.node("GlobalAveragePool", [x], f"{name}.pool")
+    s = self.relu(self.conv(s, f"{path}/{reduce}"), f"{path}/{reduce}_relu")
+    s = self.node("Sigmoid", [self.conv(s, f"{path}/{expand}")], f"{name}.gate")
+    return self.node("Mul", [x, s], name)
+
+  def classifier(self, x: str, path: str) -> str:
+    """GlobalAveragePool, Flatten, Gemm ``logits``. INT8: the pool's input on the grid ``POOL`` (so the last
+    convolution's output is integer too), and the pool's output on the classifier's input grid before and after
+    Flatten (an integer pool and an integer Gemm in onnxruntime; Flatten only moves data)."""
+    x = self.node("GlobalAveragePool", [self.quantized_input(x, POOL, "pool")], "pool")
+    x = self.quantized_input(x, path, "pool_output")
+    x = self.quantized_input(self.node("Flatten", [x], "flatten", axis=1), path, path)
+    return self.node("Gemm", [x, *self._weight_and_bias(path, path, lambda a: a, 1)], "logits")
 
 
 def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Optional[tuple[int, int]] = None,
@@ -82,118 +204,37 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
   ``image_size=(H, W)`` fixes height and width (the batch stays symbolic), as fixed-size exporters do
   (timm's ``torch.onnx.export``); the bench uses it so that onnxruntime gets the same problem from both.
 
-  Per block: Conv (3x3, the fused bias, pads 1, the block's stride and groups), the SE block where the model
-  has one (GlobalAveragePool, 1x1 Conv, Relu, 1x1 Conv, Sigmoid, Mul), Relu, RepVGGplus's post SE; then
-  GlobalAveragePool, Flatten and Gemm. Kernels are transposed once here (HWIO -> OIHW), so the graph holds no Transpose.
-  ``model``/``params`` as for ``export_deploy``; a training-form or mismatched tree raises ValueError.
-
-  ``int8`` (``quantize.int8_layers``: per layer an input scale, int8 weights and per-output-channel weight
-  scales) makes the graph INT8 in QDQ form: each quantized layer's input passes QuantizeLinear/DequantizeLinear
-  with its static scale and zero point (as uint8, the zero point moved by 128: the same grid), its weight is an
-  int8 tensor and its bias an int32 one behind per-channel DequantizeLinear ops, which onnxruntime fuses into
-  integer convolutions (the ReLU before a zero point of 0 folds away); ``int8["pool"]``, where given, puts the global pool's input on its grid the same way (so the last
-  convolution's output is integer too), and the pool's output goes on the classifier's input grid before Flatten
-  and again after it (an integer pool and an integer Gemm in onnxruntime); SE stays float.
+  The nodes are the model's deploy plan, block by block through each block kind's emitter (e.g. RepVGG's Conv with
+  the fused kernel and bias, SE, Relu), then the classifier (``OnnxGraph.classifier``). ``model``/``params`` as for
+  ``export_deploy``; a training-form or mismatched tree raises ValueError. ``int8`` (``quantize.int8_layers``)
+  makes the graph INT8 in QDQ form (``OnnxGraph``).
   """
   import onnx  # pylint: disable=g-import-not-at-top
-  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+  from onnx import helper  # pylint: disable=g-import-not-at-top
 
   check_deploy_params(model, params)
-  nodes, weights = [], []
-
-  def constant(name, array, dtype=np.float32):
-    weights.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype), name))
-    return name
-
-  def node(op, inputs, name, **attrs):
-    nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-    return name
-
-  def quantized(layer):
-    return int8 is not None and layer in int8
-
-  def quantized_input(x, layer, name):
-    # uint8 with the zero point moved by 128 is the JAX model's int8 grid exactly, and u8 x s8 is the product
-    # onnxruntime's integer kernels are built for (VNNI's vpdpbusd); s8 activations cost it a conversion per call.
-    scale = constant(f"{name}.input_scale", int8[layer]["input_scale"])
-    zero = constant(f"{name}.input_zero_point", int8[layer]["input_zero_point"] + 128, np.uint8)
-    return node("DequantizeLinear", [node("QuantizeLinear", [x, scale, zero], f"{name}.input_q"), scale, zero],
-                f"{name}.input_dq")
-
-  def weight_and_bias(name, kernel, bias, layer, axis, layout):
-    if not quantized(layer):
-      return constant(f"{name}.weight", layout(np.asarray(kernel))), constant(f"{name}.bias", bias)
-    q, scale = layout(int8[layer]["weight"]), int8[layer]["weight_scale"]
-    w = node("DequantizeLinear", [constant(f"{name}.weight_int8", q, np.int8), constant(f"{name}.weight_scale", scale),
-                                  constant(f"{name}.weight_zero_point", np.zeros(scale.shape), np.int8)],
-             f"{name}.weight", axis=axis)
-    # int32 at the input scale times the weight scales, as integer kernels add it (<= half a step off).
-    bias_scale = np.float32(int8[layer]["input_scale"]) * scale
-    b = node("DequantizeLinear", [constant(f"{name}.bias_int32", np.round(np.asarray(bias) / bias_scale), np.int32),
-                                  constant(f"{name}.bias_scale", bias_scale),
-                                  constant(f"{name}.bias_zero_point", np.zeros(scale.shape), np.int32)],
-             f"{name}.bias", axis=0)
-    return w, b
-
-  def conv(x, kernel_hwio, bias, name, strides=1, groups=1, layer=None):
-    k = np.shape(kernel_hwio)[0]
-    if quantized(layer):
-      x = quantized_input(x, layer, name)
-    w, b = weight_and_bias(name, kernel_hwio, bias, layer, 0, lambda a: a.transpose(3, 2, 0, 1))
-    return node("Conv", [x, w, b], name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[strides, strides],
-                group=groups)
-
   if int8 is not None and model.features_only:
     raise ValueError("INT8 export takes the classifier, not a features-only model.")
-  last_of_stage = {spec.stage: spec.name for spec in model.plan()}
-  stage_outputs = {}
-  x = "images"
-  def squeeze_excite(x, se, name):
-    s = node("GlobalAveragePool", [x], f"{name}.pool")
-    s = node("Relu", [conv(s, np.asarray(se["down"]["kernel"])[None, None], se["down"]["bias"], f"{name}.down")],
-             f"{name}.down_relu")
-    s = node("Sigmoid", [conv(s, np.asarray(se["up"]["kernel"])[None, None], se["up"]["bias"], f"{name}.up")],
-             f"{name}.gate")
-    return node("Mul", [x, s], name)
-
-  for spec in model.plan():
-    block = params[spec.name]
-    fused = block["rbr_reparam"]
-    x = conv(x, fused["kernel"], fused["bias"], f"{spec.name}.rbr_reparam", spec.strides, spec.groups, spec.name)
-    if spec.use_se:
-      x = squeeze_excite(x, block["se"], f"{spec.name}.se")
-    x = node("Relu", [x], f"{spec.name}.relu")
-    if spec.post_se:
-      x = squeeze_excite(x, block["post_se"], f"{spec.name}.post_se")
-    if last_of_stage[spec.stage] == spec.name:
-      stage_outputs[spec.stage] = x
+  graph = OnnxGraph(model, params, int8)
+  x, stage_outputs = "images", {}
+  for layer in model.deploy_plan():
+    x = layer.kind.emit(graph, x, layer.name, **layer.attrs)
+    if layer.stage is not None:
+      stage_outputs[layer.stage] = x
   if model.features_only:
-    outputs = [helper.make_tensor_value_info(node("Identity", [stage_outputs[info["stage"]]], f"features_{i}"),
+    outputs = [helper.make_tensor_value_info(graph.node("Identity", [stage_outputs[info["stage"]]], f"features_{i}"),
                                              onnx.TensorProto.FLOAT, ["batch", info["num_chs"], f"height_{i}",
                                                                       f"width_{i}"])
                for i, info in enumerate(model.feature_info())]
   else:
-    if quantized("pool"):
-      x = quantized_input(x, "pool", "pool")
-    x = node("GlobalAveragePool", [x], "pool")
-    if quantized("linear"):
-      # The classifier's input grid straight after the pool lets onnxruntime pool in integers
-      # (QLinearGlobalAveragePool); the same grid again after Flatten, which only moves data, changes no value.
-      x = quantized_input(x, "linear", "pool_output")
-    x = node("Flatten", [x], "flatten", axis=1)
-    if quantized("linear"):
-      x = quantized_input(x, "linear", "linear")
-    node("Gemm", [x, *weight_and_bias("linear", params["linear"]["kernel"], params["linear"]["bias"], "linear", 1,
-                                      lambda a: a)], "logits")
-    outputs = [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
-                                             ["batch", int(params["linear"]["kernel"].shape[-1])])]
-  channels = int(params["stage0"]["rbr_reparam"]["kernel"].shape[2])
-  graph = helper.make_graph(
-      nodes, "repvgg_deploy",
+    graph.classifier(x, model.head)
+    outputs = [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", model.num_classes])]
+  onnx_graph = helper.make_graph(
+      graph.nodes, "repvgg_deploy",
       [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT,
-                                     ["batch", channels, *(image_size or ("height", "width"))])],
-      outputs, weights)
-  proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                                     ["batch", input_channels(model, params), *(image_size or ("height", "width"))])],
+      outputs, graph.weights)
+  proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                             producer_name="repvgg-jax", ir_version=ONNX_IR_VERSION)
   onnx.checker.check_model(proto, full_check=True)
   if path:

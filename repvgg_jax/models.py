@@ -17,6 +17,7 @@ import numpy as np
 
 from repvgg_jax import variants
 from repvgg_jax.backend import add_bias, conv2d, global_average_pool
+from repvgg_jax.plan import BlockKind, Layer
 
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (PyTorch 0.1).
 BN_EPSILON = 1e-5
@@ -207,6 +208,21 @@ class PlainBlock(nn.Module):
     return _post_se(self, nn.relu(y))
 
 
+def emit_plain_block(graph, x: str, path: str, *, features: int, strides: int, groups: int, use_se: bool,
+                     kernel_size: int, post_se: bool) -> str:
+  """``PlainBlock`` as ONNX nodes: Conv (the fused kernel and bias, the block's stride and groups), SE, Relu,
+  post SE."""
+  del features, kernel_size  # The fused kernel's shape holds both.
+  y = graph.conv(x, f"{path}/rbr_reparam", strides, groups)
+  if use_se:
+    y = graph.squeeze_excite(y, f"{path}/se", "down", "up")
+  y = graph.relu(y, f"{path}/relu")
+  return graph.squeeze_excite(y, f"{path}/post_se", "down", "up") if post_se else y
+
+
+PLAIN = BlockKind(PlainBlock, emit_plain_block)
+
+
 AUX_SUFFIX = "_aux"  # RepVGGplus's auxiliary heads: training form only, dropped by reparam.
 
 
@@ -235,7 +251,7 @@ def _check_images(x) -> None:
                      "e.g. x.astype(jnp.float32) / 255.")
 
 
-class _PlainStackNetwork(nn.Module):
+class PlainStackNetwork(nn.Module):
   """A stack of re-parameterizable blocks (``plan()``), global average pool, a dense head ``linear``.
 
   ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
@@ -253,8 +269,17 @@ class _PlainStackNetwork(nn.Module):
   bn_epsilon: float = BN_EPSILON
   bn_axis_name: Optional[str] = None
 
+  head = "linear"  # The classifier's parameter subtree.
+  quantized_modules = r"(.+)/rbr_reparam|(linear)"  # INT8 layers (``plan.layer_key``): each block's conv, the head.
+
   def plan(self) -> list[variants.BlockSpec]:
     raise NotImplementedError
+
+  def deploy_plan(self) -> list[Layer]:
+    """The plain network's blocks, one ``PlainBlock`` per block of ``plan()``."""
+    return [Layer(PLAIN, spec.name, spec.stage, dict(
+        features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
+        kernel_size=spec.kernel_size, post_se=spec.post_se)) for spec in self.plan()]
 
   def training_block(self, spec: variants.BlockSpec) -> nn.Module:
     raise NotImplementedError
@@ -282,10 +307,9 @@ class _PlainStackNetwork(nn.Module):
     x = x.astype(self.dtype)
     out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> float32 outputs; float64 stays.
     stage_outputs, aux = {}, {}
-    for spec in self.plan():
+    for spec, layer in zip(self.plan(), self.deploy_plan()):
       if self.deploy:
-        block = PlainBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.dtype, spec.kernel_size,
-                           spec.post_se, name=spec.name)
+        block = layer.kind.module(**layer.attrs, dtype=self.dtype, name=layer.name)
       else:
         block = self.training_block(spec)
       x = block(x, train)
@@ -301,7 +325,7 @@ class _PlainStackNetwork(nn.Module):
     return (x.astype(out_dtype), aux) if return_aux else x.astype(out_dtype)
 
 
-class RepVGG(_PlainStackNetwork):
+class RepVGG(PlainStackNetwork):
   """RepVGG: stage0..stage4 of RepVGG blocks (QARepVGG blocks where ``quantization_friendly``), global average
   pool, a dense head."""
 
@@ -324,7 +348,7 @@ class RepVGG(_PlainStackNetwork):
                        self.bn_axis_name, self.dtype, name=spec.name)
 
 
-class MobileOne(_PlainStackNetwork):
+class MobileOne(PlainStackNetwork):
   """MobileOne: a stem block, then per stage pairs of depthwise 3x3 and pointwise 1x1 MobileOne blocks,
   global average pool, a dense head."""
 
@@ -343,7 +367,7 @@ class MobileOne(_PlainStackNetwork):
                           name=spec.name)
 
 
-class RepVGGplus(_PlainStackNetwork):
+class RepVGGplus(PlainStackNetwork):
   """RepVGGplus: RepVGG blocks with post SE in stage0, stage1, stage2, stage3_first, stage3_second, stage4, global
   average pool, a dense head; the training form adds auxiliary heads after stage1, stage2 and stage3_first
   (``return_aux=True`` returns their logits too)."""
@@ -378,21 +402,17 @@ def given_overrides(overrides: Mapping[str, Any]) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
 
 
-def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dtype: Any = jnp.float32,
-                 features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
-                 **overrides) -> RepVGG | MobileOne | RepVGGplus:
-  """Builds an official variant by name, e.g. ``create_model("RepVGG-A0")`` or ``create_model("MobileOne-S0")``.
+def create_plain_stack(name: str, variant, *, num_classes: int, deploy: bool, dtype: Any, features_only: bool,
+                       out_indices: Sequence[int] = (0, 1, 2, 3, 4), **overrides) -> RepVGG | MobileOne | RepVGGplus:
+  """The network of a RepVGG, QARepVGG, MobileOne or RepVGGplus variant (``families.create_model`` documents the
+  arguments).
 
   ``overrides`` replace fields of the variant or of the network: RepVGG and QARepVGG ``num_blocks``,
   ``width_multiplier`` (a, a, a, b), ``groups``, ``use_se`` (RepVGG only); MobileOne ``num_blocks``,
   ``width_multiplier`` (per stage), ``num_conv_branches``, ``se_blocks``; RepVGGplus ``num_blocks``,
-  ``width_multiplier``, ``use_post_se``; all ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``dtype`` is
-  the compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics stay float32.
-  ``features_only=True`` makes a backbone returning the stage outputs ``out_indices`` (0 = the stem, stride 2,
-  .. 4 = stride 32) instead of logits; it takes the full model's variables (the head is ignored), and
-  ``model.feature_info()`` gives their channels and strides.
+  ``width_multiplier``, ``use_post_se``; all ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``out_indices``:
+  0 = the stem (stride 2) .. 4 = stride 32.
   """
-  variant = variants.get_variant(name)
   network = _NETWORKS[type(variant)]
   allowed = _overridable(network)
   unknown = sorted(set(overrides) - set(allowed))
@@ -404,8 +424,6 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
     fields[key] = tuple(fields[key])
     if len(fields[key]) != 4:
       raise ValueError(f"{key} must have 4 entries (stage1..stage4); got {fields[key]}.")
-  if num_classes < 1:
-    raise ValueError(f"num_classes must be positive; got {num_classes}.")
   out_indices = tuple(out_indices)
   if not out_indices or not set(out_indices) <= set(range(5)) or len(set(out_indices)) != len(out_indices):
     raise ValueError(f"out_indices must be distinct stages among 0..4 (0 = the stem); got {out_indices}.")

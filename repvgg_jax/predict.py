@@ -40,7 +40,8 @@ class Predictor:
 
 
 def _deploy_model(name: str, overrides: dict, num_classes: int):
-  from repvgg_jax.models import create_model, given_overrides  # pylint: disable=g-import-not-at-top
+  from repvgg_jax.families import create_model  # pylint: disable=g-import-not-at-top
+  from repvgg_jax.models import given_overrides  # pylint: disable=g-import-not-at-top
   return create_model(name, num_classes=num_classes, deploy=True, **given_overrides(overrides))
 
 

@@ -33,11 +33,11 @@ import numpy as np
 import optax
 import qwix
 
-from repvgg_jax import backend
+from repvgg_jax import backend, families
+from repvgg_jax.export import POOL  # The global pool's input: its statistics in the last block's quant_stats.
+from repvgg_jax.plan import layer_key
 
-QUANTIZED_MODULES = r"(.*/)?(rbr_reparam|linear)"
 STAT = "conv_general_dilated0_lhs", "dot_general0_lhs"  # Qwix's names of a layer's input statistics.
-POOL = "pool"  # The global pool's input: its statistics in the last block's quant_stats, its layer in int8_layers.
 
 
 def _symmetric(bits: int) -> tuple[float, int]:
@@ -96,7 +96,7 @@ def _with_float_gradients(value, lhs, rhs, conv):
 
 def fake_quantized(deploy_model):
   """The deploy model with Qwix W8A8 fake quantization (static activation ranges)."""
-  rule = qwix.QtRule(module_path=QUANTIZED_MODULES, weight_qtype=jnp.int8, act_qtype=jnp.int8,
+  rule = qwix.QtRule(module_path=deploy_model.quantized_modules, weight_qtype=jnp.int8, act_qtype=jnp.int8,
                      act_static_scale=True, act_calibration_method="minmax")
   return qwix.quantize_model(deploy_model, _QtProvider([rule]))
 
@@ -114,9 +114,12 @@ def quantize_weights(params: Mapping, bits: int) -> dict:
     return kernel + jax.lax.stop_gradient(integers * scale - kernel)
 
   out = dict(params)
-  for name, tree in _quantized_subtrees(params):
-    layer = {**tree, "kernel": quantized(tree["kernel"])}
-    out[name] = layer if name == "linear" else {**params[name], "rbr_reparam": layer}
+  for _, path, tree in quantized_layers(params):
+    parent = out
+    for key in path[:-1]:
+      parent[key] = dict(parent[key])
+      parent = parent[key]
+    parent[path[-1]] = {**tree, "kernel": quantized(tree["kernel"])}
   return out
 
 
@@ -170,7 +173,7 @@ def _pool_input_on_the_grid(last_block: str):
 @contextlib.contextmanager
 def _tracing(qmodel):
   """Where a fake-quantized model runs: plain convolutions (one quantized op each) and the pool's input grid."""
-  with backend.plain_convolutions(), nn.intercept_methods(_pool_input_on_the_grid(qmodel.plan()[-1].name)):
+  with backend.plain_convolutions(), nn.intercept_methods(_pool_input_on_the_grid(qmodel.deploy_plan()[-1].name)):
     yield
 
 
@@ -208,16 +211,16 @@ def _jit_apply(qmodel):
 
 
 def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
-  """Per quantized layer ('stage0', ..., 'linear'): the input scale (per tensor) and the integer weights with
-  their per-output-channel scales, exactly as the fake-quantized JAX model uses them; and ``POOL``, the global
+  """Per quantized layer (``quantized_layers``: 'stage0', ..., 'linear'): the input scale (per tensor) and the
+  integer weights with their per-output-channel scales, exactly as the fake-quantized JAX model uses them; and ``POOL``, the global
   pool's input grid (no weights).
 
   Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
   "weight_scale": (O,)}}.
   """
   layers = {}
-  for name, tree in _quantized_subtrees(params):
-    stats = quant_stats[name]["rbr_reparam"] if name != "linear" else quant_stats["linear"]
+  for name, path, tree in quantized_layers(params):
+    stats = functools.reduce(lambda tree, key: tree[key], path, quant_stats)
     integers, scale = _symmetric_grid(np.asarray(tree["kernel"], np.float64), 8, axis=-1)
     layers[name] = {**_input_grid(next(stats[k] for k in STAT if k in stats)), "weight": integers.astype(np.int8),
                     "weight_scale": scale.reshape(-1).astype(np.float32)}
@@ -233,12 +236,21 @@ def _input_grid(stat: Mapping) -> dict:
   return {"input_scale": float(np.float32(scale)), "input_zero_point": int(zero)}
 
 
-def _quantized_subtrees(params: Mapping):
-  for name, block in params.items():
-    if name == "linear":
-      yield name, block
-    elif isinstance(block, Mapping) and "rbr_reparam" in block:
-      yield name, block["rbr_reparam"]
+def quantized_layers(params: Mapping):
+  """The INT8 layers of a deploy params tree, in tree order: (name, path, {kernel, bias}) for each layer that its
+  network's ``quantized_modules`` names (``plan.layer_key``)."""
+  return _layers(params, families.of_params(params).network.quantized_modules, ())
+
+
+def _layers(tree: Mapping, pattern: str, path: tuple[str, ...]):
+  for key, value in tree.items():
+    if not isinstance(value, Mapping):
+      continue
+    name = layer_key(pattern, "/".join(path + (key,))) if "kernel" in value else None
+    if name is not None:
+      yield name, path + (key,), value
+    else:
+      yield from _layers(value, pattern, path + (key,))
 
 
 def sqnr_db(x, x_quantized) -> float:
@@ -259,26 +271,32 @@ def kernel_sqnr(params: Mapping, bits: int = 8) -> dict[str, tuple[float, float]
   the QARepVGG paper names (wide fused-kernel ranges)."""
   return {name: (sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits)),
                  sqnr_db(tree["kernel"], quantize_symmetric(tree["kernel"], bits, axis=-1)))
-          for name, tree in _quantized_subtrees(params)}
+          for name, _, tree in quantized_layers(params)}
 
 
 def kernel_absmax(params: Mapping) -> dict[str, float]:
   """Per fused kernel: max |w|. One outlier sets a per-tensor scale for the whole layer (MobileOne's fused
   depthwise kernels are reported to reach above 100), which is what per-channel scales avoid."""
-  return {name: float(np.max(np.abs(np.asarray(tree["kernel"])))) for name, tree in _quantized_subtrees(params)}
+  return {name: float(np.max(np.abs(np.asarray(tree["kernel"])))) for name, _, tree in quantized_layers(params)}
 
 
 def activation_sqnr(deploy_model, params: Mapping, quant_stats: Mapping, images) -> dict[str, float]:
   """Per quantized layer: the SQNR (dB) of its float input activations on ``images`` quantized with the
   calibrated static scale, the activation side of the mechanism (wide ranges of the fused blocks' outputs)."""
-  layers = int8_layers(params, quant_stats)
-  _, state = deploy_model.apply({"params": params}, images, capture_intermediates=True)
-  outputs = state["intermediates"]
-  inputs, previous = {}, np.asarray(images)
-  for spec in deploy_model.plan():
-    inputs[spec.name] = previous
-    previous = np.asarray(outputs[spec.name]["__call__"][0])
-  inputs[POOL], inputs["linear"] = previous, previous.mean(axis=(1, 2))
+  layers, inputs, last = int8_layers(params, quant_stats), {}, deploy_model.deploy_plan()[-1].name
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      name = layer_key(deploy_model.quantized_modules, "/".join(context.module.path))
+      if name is not None:
+        inputs[name] = np.asarray(args[0])
+      if context.module.path == (last,):
+        inputs[POOL] = np.asarray(y)
+    return y
+
+  with nn.intercept_methods(record):
+    deploy_model.apply({"params": params}, images)
   return {name: sqnr_db(x, _on_the_asymmetric_grid(x, layers[name]["input_scale"], layers[name]["input_zero_point"]))
           for name, x in inputs.items()}
 

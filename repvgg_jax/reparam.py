@@ -223,22 +223,27 @@ def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[d
   return out, blocks
 
 
-def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
-  """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly.
-
-  Every block (a subtree holding ``rbr_dense``) becomes ``{rbr_reparam: {kernel, bias}}`` (+ its ``se`` or
-  ``post_se``); RepVGGplus's auxiliary heads (``*_aux``) are dropped; everything else, e.g. the ``linear`` head,
-  is carried over. Pure and jittable. ``eps`` must equal the
-  BatchNorm epsilon of the trained model. Mismatched or partial trees raise ValueError naming the path.
-  """
-  if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
-    raise ValueError("reparam takes two mappings: variables['params'] and variables['batch_stats'].")
-  if "params" in params:
-    raise ValueError("reparam got a whole variables dict; call reparam(variables['params'], "
-                     "variables['batch_stats']).")
+def fuse_plain_stack(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
+  """``reparam`` of a RepVGG, QARepVGG, MobileOne or RepVGGplus tree: every block (a subtree holding ``rbr_dense``
+  or ``rbr_conv_0``) becomes ``{rbr_reparam: {kernel, bias}}`` (+ its ``se`` or ``post_se``); RepVGGplus's
+  auxiliary heads (``*_aux``) are dropped; everything else, e.g. the ``linear`` head, is carried over."""
   drop_aux = lambda tree: {k: v for k, v in tree.items() if not k.endswith(AUX_SUFFIX)}  # Training form only.
   fused, blocks = _reparam_tree(drop_aux(params), drop_aux(batch_stats), eps, ())
   if not blocks:
     raise ValueError("reparam found no training-time block (a subtree with 'rbr_dense' or 'rbr_conv_0') in "
                      "params; were these params already re-parameterized?")
   return fused
+
+
+def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
+  """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly, by the fuse rules of
+  the family the tree belongs to (``families.of_params``). Pure and jittable. ``eps`` must equal the BatchNorm
+  epsilon of the trained model. Mismatched or partial trees raise ValueError naming the path.
+  """
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports every family's rules.
+  if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
+    raise ValueError("reparam takes two mappings: variables['params'] and variables['batch_stats'].")
+  if "params" in params:
+    raise ValueError("reparam got a whole variables dict; call reparam(variables['params'], "
+                     "variables['batch_stats']).")
+  return families.of_params(params).reparam(params, batch_stats, eps)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import torch_weights
+from repvgg_jax import plan, torch_weights
 from repvgg_jax.backend import global_average_pool
 from repvgg_jax.models import BN_EPSILON, BN_MOMENTUM, Conv
 from repvgg_jax.reparam import fuse_bn, fuse_bn_after_sum, identity_kernel, pad_1x1_to_3x3
@@ -60,7 +60,8 @@ def gelu(x):
 
 class ConvNorm(nn.Module):
   """k x k conv (padding k // 2) + BN, timm's ConvNorm ``c``, ``bn``; with ``norm`` None (the deploy form) one conv
-  ``c`` with a bias. (N, H, W, Cin) -> (N, H / strides, W / strides, features)."""
+  ``c`` with a bias; then GELU where ``gelu`` (the stem's first layer). (N, H, W, Cin) -> (N, H / strides,
+  W / strides, features)."""
 
   features: int
   kernel_size: int = 1
@@ -68,12 +69,22 @@ class ConvNorm(nn.Module):
   groups: int = 1
   norm: Optional[Callable[..., nn.Module]] = None
   dtype: Any = jnp.float32
+  gelu: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     y = Conv(self.features, self.kernel_size, self.strides, self.groups, use_bias=self.norm is None,
              dtype=self.dtype, name="c")(x)
-    return y if self.norm is None else self.norm(name="bn")(y, use_running_average=not train)
+    y = y if self.norm is None else self.norm(name="bn")(y, use_running_average=not train)
+    return gelu(y) if self.gelu else y
+
+
+def emit_conv_norm(graph, x: str, path: str, *, features: int, kernel_size: int = 1, strides: int = 1,
+                   groups: int = 1, gelu: bool = False) -> str:  # pylint: disable=redefined-outer-name
+  """The deploy ``ConvNorm`` as ONNX: Conv (the folded kernel and bias), Gelu where ``gelu``."""
+  del features, kernel_size  # The kernel's shape holds both.
+  y = graph.conv(x, f"{path}/c", strides, groups)
+  return graph.gelu(y, f"{path}/gelu") if gelu else y
 
 
 class RepVGGDW(nn.Module):
@@ -120,6 +131,11 @@ class FFN(nn.Module):
     return x + ConvNorm(c, norm=self.norm, dtype=self.dtype, name="conv2")(y, train)
 
 
+def _emit_ffn(graph, x: str, path: str) -> str:
+  y = graph.gelu(graph.conv(x, f"{path}/conv1/c"), f"{path}/gelu")
+  return graph.add(x, graph.conv(y, f"{path}/conv2/c"), f"{path}/residual")
+
+
 class RepViTBlock(nn.Module):
   """token mixer, SE where ``use_se``, residual FFN (timm names ``token_mixer``, ``se``, ``channel_mixer``)."""
 
@@ -133,6 +149,15 @@ class RepViTBlock(nn.Module):
     if self.use_se:
       x = SqueezeExcite(self.dtype, name="se")(x)
     return FFN(self.norm, self.dtype, name="channel_mixer")(x, train)
+
+
+def emit_block(graph, x: str, path: str, *, use_se: bool) -> str:
+  """The deploy ``RepViTBlock`` as ONNX: the fused depthwise 3x3 token mixer, SE where ``use_se``, the FFN."""
+  mixer = f"{path}/token_mixer/conv"
+  x = graph.conv(x, mixer, groups=graph.out_channels(mixer))
+  if use_se:
+    x = graph.squeeze_excite(x, f"{path}/se", "fc1", "fc2")
+  return _emit_ffn(graph, x, f"{path}/channel_mixer")
 
 
 class Downsample(nn.Module):
@@ -152,6 +177,21 @@ class Downsample(nn.Module):
     return FFN(self.norm, self.dtype, name="ffn")(x, train)
 
 
+def emit_downsample(graph, x: str, path: str, *, features: int) -> str:
+  """The deploy ``Downsample`` as ONNX, layer by layer as the module."""
+  x = emit_block(graph, x, f"{path}/pre_block", use_se=False)
+  channels = graph.out_channels(f"{path}/spatial_downsample/c")
+  x = emit_conv_norm(graph, x, f"{path}/spatial_downsample", features=channels, kernel_size=3, strides=2,
+                     groups=channels)
+  x = emit_conv_norm(graph, x, f"{path}/channel_downsample", features=features)
+  return _emit_ffn(graph, x, f"{path}/ffn")
+
+
+CONV_NORM = plan.BlockKind(ConvNorm, emit_conv_norm)
+BLOCK = plan.BlockKind(RepViTBlock, emit_block)
+DOWNSAMPLE = plan.BlockKind(Downsample, emit_downsample)
+
+
 class NormLinear(nn.Module):
   """BN then Linear (timm's ``bn``, ``l``), (N, C) -> (N, num_classes)."""
 
@@ -166,41 +206,60 @@ class NormLinear(nn.Module):
 
 
 class RepViT(nn.Module):
-  """RepViT, both forms. (N, H, W, 3) -> (N, num_classes) logits, or with ``features_only`` the four stages'
-  outputs (strides 4, 8, 16, 32)."""
+  """RepViT, both forms: the blocks of ``deploy_plan()`` (with BatchNorms in the training form), global average
+  pool, the classifier. (N, H, W, 3) -> (N, num_classes) logits, or with ``features_only`` the outputs of the
+  stages ``out_indices`` (0..3: strides 4, 8, 16, 32)."""
 
   widths: Sequence[int]
   depths: Sequence[int]
   num_classes: int = 1000
   deploy: bool = False
   features_only: bool = False
+  out_indices: Sequence[int] = (0, 1, 2, 3)
   bn_momentum: float = BN_MOMENTUM
   bn_epsilon: float = BN_EPSILON
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+
+  head = "head"  # The deploy classifier's parameter subtree.
+  # INT8 layers (``plan.layer_key``): every convolution but SE's, named by its ConvNorm or token mixer, and the head.
+  quantized_modules = r"(.+)/c|(.+/token_mixer)/conv|(head)"
+
+  def deploy_plan(self) -> list[plan.Layer]:
+    """The stem's two ConvNorms (GELU between them), then per stage its downsample (stages 1-3) and its blocks, SE
+    on every other one."""
+    layers = [plan.Layer(CONV_NORM, "stem_conv1", None, dict(features=self.widths[0] // 2, kernel_size=3, strides=2,
+                                                             gelu=True)),
+              plan.Layer(CONV_NORM, "stem_conv2", None, dict(features=self.widths[0], kernel_size=3, strides=2))]
+    for i, (width, depth) in enumerate(zip(self.widths, self.depths)):
+      if i > 0:
+        layers.append(plan.Layer(DOWNSAMPLE, f"stages_{i}_downsample", i, dict(features=width)))
+      layers += [plan.Layer(BLOCK, f"stages_{i}_blocks_{j}", i, dict(use_se=j % 2 == 0)) for j in range(depth)]
+    return layers
+
+  def feature_info(self) -> list[dict]:
+    """Per selected stage: ``stage``, ``num_chs`` and ``reduction`` (4, 8, 16, 32), as timm's ``feature_info``."""
+    return [{"stage": i, "num_chs": self.widths[i], "reduction": 4 * 2 ** i} for i in self.out_indices]
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = None if self.deploy else functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
                                                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
                                                       dtype=self.dtype)
-    conv_norm = functools.partial(ConvNorm, norm=norm, dtype=self.dtype)
-    x = gelu(conv_norm(self.widths[0] // 2, 3, 2, name="stem_conv1")(x, train))
-    x = conv_norm(self.widths[0], 3, 2, name="stem_conv2")(x, train)
-    features = []
-    for i, (width, depth) in enumerate(zip(self.widths, self.depths)):
-      if i > 0:
-        x = Downsample(width, norm, self.dtype, name=f"stages_{i}_downsample")(x, train)
-      for j in range(depth):
-        x = RepViTBlock(j % 2 == 0, norm, self.dtype, name=f"stages_{i}_blocks_{j}")(x, train)
-      features.append(x)
+    x = x.astype(self.dtype)
+    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    features = {}
+    for layer in self.deploy_plan():  # norm=None makes each layer its deploy form.
+      x = layer.kind.module(**layer.attrs, norm=norm, dtype=self.dtype, name=layer.name)(x, train)
+      if layer.stage is not None:
+        features[layer.stage] = x
     if self.features_only:
-      return features
+      return [features[i].astype(out_dtype) for i in self.out_indices]
     x = global_average_pool(x)
     if self.deploy:
-      return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+      return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(out_dtype)
     heads = [NormLinear(self.num_classes, norm, self.dtype, name=name)(x, train) for name in HEADS]
-    return (heads[0] + heads[1]) / 2
+    return ((heads[0] + heads[1]) / 2).astype(out_dtype)
 
 
 def get_variant(name: str) -> RepViTVariant:
@@ -209,9 +268,31 @@ def get_variant(name: str) -> RepViTVariant:
   return VARIANTS[name]
 
 
+OVERRIDABLE = ("widths", "depths", "bn_momentum", "bn_epsilon", "bn_axis_name")
+
+
+def create(name: str, variant: RepViTVariant, *, num_classes: int = 1000, deploy: bool = False,
+           dtype: Any = jnp.float32, features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3),
+           **overrides) -> RepViT:
+  """The network of a RepViT variant; ``overrides``: ``widths`` and ``depths`` (4 stages each) and the BatchNorms'
+  ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``; ``out_indices`` among 0..3 (strides 4..32)."""
+  unknown = sorted(set(overrides) - set(OVERRIDABLE))
+  if unknown:
+    raise ValueError(f"Unknown override(s) {unknown} for {name}; allowed: {', '.join(OVERRIDABLE)}.")
+  fields = {"widths": variant.widths, "depths": variant.depths, **overrides}
+  for key in ("widths", "depths"):
+    fields[key] = tuple(fields[key])
+    if len(fields[key]) != 4 or min(fields[key]) < 1:
+      raise ValueError(f"{key} must be 4 positive entries (stage1..stage4); got {fields[key]}.")
+  out_indices = tuple(out_indices)
+  if not out_indices or not set(out_indices) <= set(range(4)) or len(set(out_indices)) != len(out_indices):
+    raise ValueError(f"out_indices must be distinct stages among 0..3 (strides 4..32); got {out_indices}.")
+  return RepViT(num_classes=num_classes, deploy=deploy, features_only=features_only, out_indices=out_indices,
+                dtype=dtype, **fields)
+
+
 def create_repvit(name: str, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepViT:
-  variant = get_variant(name)
-  return RepViT(variant.widths, variant.depths, num_classes, deploy, **kwargs)
+  return create(name, get_variant(name), num_classes=num_classes, deploy=deploy, **kwargs)
 
 
 # --------------------------------------------------------------------------- fusion.
@@ -258,12 +339,14 @@ def _fuse_tree(params: Mapping, stats: Mapping, eps: float) -> dict:
   return out
 
 
-def reparam(variables: Mapping, eps: float = BN_EPSILON) -> dict:
-  """Training-form RepViT variables {'params', 'batch_stats'} -> the deploy form's params (pure, jittable); ``eps``
-  must be the BatchNorms' epsilon, as for ``repvgg_jax.reparam``."""
-  params, stats = variables["params"], variables["batch_stats"]
-  body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, stats, eps)
-  heads = [_fuse_norm_linear(params[h], stats[h], eps) for h in HEADS]
+def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
+  """Training-form RepViT params and batch_stats -> the deploy form's params (pure, jittable); ``eps`` must be the
+  BatchNorms' epsilon, as for ``repvgg_jax.reparam``. A tree lacking a layer raises ValueError naming it."""
+  try:
+    body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, batch_stats, eps)
+    heads = [_fuse_norm_linear(params[h], batch_stats[h], eps) for h in HEADS]
+  except KeyError as e:
+    raise ValueError(f"RepViT params or batch_stats lack {e.args[0]!r}: not a training-form RepViT tree.") from e
   return {**body, "head": {"kernel": (heads[0][0] + heads[1][0]) / 2, "bias": (heads[0][1] + heads[1][1]) / 2}}
 
 
@@ -284,17 +367,39 @@ def timm_key(path: tuple[str, ...], deploy: bool) -> str:
   return ".".join([top, *middle, torch_weights.LEAF_TO_TORCH[leaf]])
 
 
-def from_timm_state_dict(state_dict: Mapping[str, Any], name: str) -> dict:
+def from_timm_state_dict(state_dict: Mapping[str, Any], name: str, num_classes: Optional[int] = None,
+                         deploy: Optional[bool] = None, **overrides) -> dict:
   """timm's ``repvit_*`` state_dict, training form or fused (told apart by its keys) -> Flax variables of
-  ``create_repvit(name, deploy=...)`` with its class count; strict."""
-  deploy = "head.weight" in state_dict
-  classes = np.shape(state_dict["head.weight" if deploy else "head.head.l.weight"])[0]
-  model = create_repvit(name, classes, deploy=deploy)
+  ``create_repvit(name, deploy=...)`` with its class count; strict. ``num_classes`` and ``deploy``, where given,
+  must be the checkpoint's."""
+  is_deploy = "head.weight" in state_dict
+  if deploy is not None and deploy != is_deploy:
+    raise ValueError(f"deploy={deploy} was asked for, but the state_dict holds "
+                     f"{'fused' if is_deploy else 'training-time'} weights.")
+  head_key = "head.weight" if is_deploy else "head.head.l.weight"
+  if head_key not in state_dict:
+    raise ValueError(f"{name}: the state_dict has neither 'head.weight' nor 'head.head.l.weight': not timm's "
+                     "RepViT naming (give timm's repvit_* weights).")
+  classes = int(np.shape(state_dict[head_key])[0])
+  if num_classes is not None and num_classes != classes:
+    raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {classes} classes.")
+  model = create(name, get_variant(name), num_classes=classes, deploy=is_deploy, **overrides)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  return torch_weights.map_state_dict(state_dict, shapes, functools.partial(timm_key, deploy=deploy), name)
+  return torch_weights.map_state_dict(state_dict, shapes, functools.partial(timm_key, deploy=is_deploy), name)
 
 
 def to_timm_state_dict(variables: Mapping, deploy: bool) -> dict[str, np.ndarray]:
   """Flax variables -> timm's state_dict (numpy, PyTorch layout) of the same form: ``load_state_dict`` takes it
   strictly (through ``torch_weights.as_torch``)."""
   return torch_weights.state_dict_of(variables, functools.partial(timm_key, deploy=deploy), lambda key: True)
+
+
+def _state_dict(variables: Mapping, naming: str) -> dict[str, np.ndarray]:
+  if naming != "timm":
+    raise ValueError("RepViT's weights are written in timm's naming (THU-MIG/RepViT's own keys are not supported): "
+                     "use naming='timm'.")
+  return to_timm_state_dict(variables, deploy="batch_stats" not in variables)
+
+
+FAMILY = plan.Family("repvit", RepViT, VARIANTS, create, reparam, lambda params: "stem_conv1" in params, from_timm_state_dict,
+                     _state_dict)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import variants
-from repvgg_jax.models import create_model
+from repvgg_jax import models, variants
 
 # Flax name piece -> official name piece, per family (RepVGG's Flax names are the official ones).
 _OFFICIAL_RENAMES = {"repvgg": {}, "qarepvgg": {},  # QARepVGG: cxxgtxy/QARepVGG's names, RepVGG's plus rbr_1x1.weight, bn.
@@ -38,7 +37,7 @@ _IGNORED_SUFFIX = ".num_batches_tracked"
 
 def family(name: str) -> str:
   """"mobileone", "qarepvgg", "repvggplus" or "repvgg", from an official model name."""
-  variant = variants.get_variant(name)
+  variant = variants.VARIANTS[name]
   if getattr(variant, "quantization_friendly", False):
     return "qarepvgg"
   if isinstance(variant, variants.RepVGGplusVariant):
@@ -160,12 +159,13 @@ def _format(keys, limit: int = 20) -> str:
 
 def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
                             deploy: Optional[bool] = None, **overrides) -> dict:
-  """A PyTorch RepVGG or MobileOne state_dict (official or timm naming, training-time or deploy) -> Flax variables.
+  """A PyTorch state_dict of an official variant (its family's namings: RepVGG official or timm, MobileOne apple
+  or timm, QARepVGG cxxgtxy, RepVGGplus DingXiaoH, RepViT timm; training-time or deploy) -> Flax variables.
 
   Args:
     state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
       ``num_batches_tracked`` buffers are ignored.
-    name: the official variant name, e.g. "RepVGG-A0" or "MobileOne-S0".
+    name: the official variant name, e.g. "RepVGG-A0", "MobileOne-S0" or "RepViT-M0.9".
     num_classes: the head size; None reads it from the checkpoint.
     deploy: expected form; None detects it from the keys. A mismatch is an error.
     **overrides: passed to ``create_model``.
@@ -173,12 +173,19 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
     ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
     for the deploy form.
   """
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports this module.
+  state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+  return families.family_of(name).load_state_dict(state_dict, name, num_classes, deploy, **overrides)
+
+
+def load_plain_stack_state_dict(state_dict: Mapping[str, Any], name: str, num_classes: Optional[int] = None,
+                                deploy: Optional[bool] = None, **overrides) -> dict:
+  """``load_pytorch_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus."""
   kind = family(name)
   weights = {}
   if kind in NO_TIMM and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
     raise ValueError(f"{name}: timm has no {NO_TIMM[kind]} (official) naming.")
   for key, value in state_dict.items():
-    key = key[len("module."):] if key.startswith("module.") else key
     if not key.endswith(_IGNORED_SUFFIX):
       weights[key] = value
   naming, is_deploy = _naming(weights), _is_deploy(weights)
@@ -192,7 +199,8 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   if num_classes is not None and num_classes != head_classes:
     raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {head_classes} classes.")
 
-  model = create_model(name, num_classes=head_classes, deploy=is_deploy, **overrides)
+  model = models.create_plain_stack(name, variants.VARIANTS[name], num_classes=head_classes, deploy=is_deploy,
+                                    dtype=jnp.float32, features_only=False, **overrides)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   to_key = ((lambda path: official_to_timm(official_key(path, kind), kind)) if naming == "timm"
             else (lambda path: official_key(path, kind)))
@@ -245,15 +253,21 @@ def _family_of(variables: Mapping) -> str:
 
 
 def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
-  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and official (or
-  timm) naming; no torch needed (``safetensors.numpy.save_file`` writes it).
+  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and the family's
+  official (or timm) naming; no torch needed (``safetensors.numpy.save_file`` writes it).
 
   "official" is DingXiaoH's naming for RepVGG, cxxgtxy/QARepVGG's for QARepVGG and apple/ml-mobileone's for
-  MobileOne (told apart by the tree). BatchNorm layers get the ``num_batches_tracked`` buffer (int64 0)
-  PyTorch expects, so ``load_state_dict`` is strict.
+  MobileOne; RepViT's is timm's (either name gives it). BatchNorm layers get the ``num_batches_tracked`` buffer
+  (int64 0) PyTorch expects, so ``load_state_dict`` is strict.
   """
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports this module.
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
+  return families.of_params(variables["params"]).save_state_dict(variables, naming)
+
+
+def plain_stack_state_dict(variables: Mapping, naming: str) -> dict[str, np.ndarray]:
+  """``to_numpy_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (the family told apart by the tree)."""
   kind = _family_of(variables)
   if kind in NO_TIMM and naming == "timm":
     raise ValueError(f"timm has no {NO_TIMM[kind]} (official) naming: use naming='official'.")

@@ -18,7 +18,8 @@ from absl import logging
 
 from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.models import create_model, given_overrides
+from repvgg_jax.families import create_model
+from repvgg_jax.models import given_overrides
 from repvgg_jax.reparam import reparam
 from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, create_optimizer, create_train_state,
                               eval_step, learning_rate_schedule, prefetch_to_device, replicate, shard, train_step,

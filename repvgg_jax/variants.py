@@ -23,7 +23,6 @@ classifiers after stage1, stage2 and stage3_first.
 """
 
 import dataclasses
-import difflib
 
 A_DEPTHS = (2, 4, 14, 1)
 B_DEPTHS = (4, 6, 16, 1)
@@ -93,21 +92,6 @@ VARIANTS: dict[str, Variant] = {
 # its SE sits between the branch sum and the block's BN, which no fusion can fold.
 VARIANTS.update({"QA" + name: dataclasses.replace(variant, quantization_friendly=True)
                  for name, variant in list(VARIANTS.items()) if name.startswith("RepVGG-") and not variant.use_se})
-
-
-def list_models() -> list[str]:
-  """The official variant names, in the paper's order."""
-  return list(VARIANTS)
-
-
-def get_variant(name: str) -> Variant | MobileOneVariant | RepVGGplusVariant:
-  """Looks a variant up by its official name; an unknown name raises ValueError naming the closest ones."""
-  if name in VARIANTS:
-    return VARIANTS[name]
-  by_lower = {known.lower(): known for known in VARIANTS}
-  close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.5)]
-  hint = f" Did you mean {', '.join(close)}?" if close else ""
-  raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(VARIANTS)}.")
 
 
 @dataclasses.dataclass(frozen=True)

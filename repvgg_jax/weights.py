@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 
 from repvgg_jax import checkpoints, cli
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.models import check_variables, create_model
+from repvgg_jax.families import create_model
+from repvgg_jax.models import check_variables
 from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import load_pytorch_state_dict
 

@@ -38,7 +38,8 @@ def test_list_models_names_every_official_variant():
       "MobileOne-S0", "MobileOne-S1", "MobileOne-S2", "MobileOne-S3", "MobileOne-S4", "RepVGGplus-L2pse",
       "QARepVGG-A0", "QARepVGG-A1",
       "QARepVGG-A2", "QARepVGG-B0", "QARepVGG-B1", "QARepVGG-B1g2", "QARepVGG-B1g4", "QARepVGG-B2", "QARepVGG-B2g2",
-      "QARepVGG-B2g4", "QARepVGG-B3", "QARepVGG-B3g2", "QARepVGG-B3g4"]
+      "QARepVGG-B2g4", "QARepVGG-B3", "QARepVGG-B3g2", "QARepVGG-B3g4",
+      "RepViT-M0.9", "RepViT-M1.0", "RepViT-M1.1", "RepViT-M1.5", "RepViT-M2.3"]
 
 
 @pytest.mark.parametrize("bad,suggestion", [("RepVGG-A9", "RepVGG-A0"), ("repvgg-b1g4", "RepVGG-B1g4"),

@@ -15,7 +15,8 @@ import pytest
 from jax import lax
 
 import repvgg_jax as rv
-from repvgg_jax import models, variants
+from repvgg_jax import models
+from repvgg_jax.plan import Layer
 from tests import wellposed
 from tests.helpers import random_variables
 
@@ -82,8 +83,10 @@ class _OneConv(nn.Module):
   def __call__(self, x):
     return models.PlainBlock(8, groups=self.groups, name="stage0")(x)
 
-  def plan(self):  # As the networks': the last block's output is the global pool's input.
-    return [variants.BlockSpec(name="stage0", features=8, strides=1, groups=1)]
+  quantized_modules = models.PlainStackNetwork.quantized_modules
+
+  def deploy_plan(self):  # As the networks': the last block's output is the global pool's input.
+    return [Layer(models.PLAIN, "stage0", 0, {})]
 
 
 def _on_the_grid(x, low, high):

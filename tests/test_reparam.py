@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
+import repvgg_jax as rv
 from repvgg_jax import models
 from repvgg_jax.reparam import fuse_bn, fuse_block, identity_kernel, pad_1x1_to_3x3, reparam
 from tests.helpers import numpy_block, numpy_conv, random_variables
@@ -135,7 +136,7 @@ def test_reparam_respects_a_non_default_bn_epsilon():
 # Bad input: a ValueError that names the offending path, never a traceback from inside JAX.
 
 def _tiny_variables():
-  model = models.create_model("RepVGG-A0", num_classes=3, width_multiplier=(0.25, 0.25, 0.25, 0.25),
+  model = rv.create_model("RepVGG-A0", num_classes=3, width_multiplier=(0.25, 0.25, 0.25, 0.25),
                               num_blocks=(2, 1, 1, 1))
   return random_variables(model, (1, 32, 32, 3))
 

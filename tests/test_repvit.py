@@ -39,7 +39,8 @@ def test_both_forms_give_timms_logits_and_a_broken_model_does_not(name):
   variables = repvit.from_timm_state_dict(model.state_dict(), name)
   wellposed.assert_equal_functions(float64_logits(name, variables, x), expected)
   with jax.enable_x64(True):
-    plain = jax.tree.map(np.asarray, repvit.reparam(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)))
+    as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    plain = jax.tree.map(np.asarray, repvit.reparam(as64["params"], as64["batch_stats"]))
   wellposed.assert_equal_functions(float64_logits(name, {"params": plain}, x, deploy=True), expected)
   # timm's fused model holds float32 weights (its fuse makes new float32 layers): its own logits are the reference.
   fused = reparameterize_model(model).double()
@@ -78,7 +79,7 @@ def test_reparam_of_our_own_initialisation_gives_the_deploy_tree():
   x = jnp.zeros((1, 64, 64, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   expected = jax.eval_shape(deploy.init, jax.random.key(0), x)["params"]
-  got = jax.eval_shape(repvit.reparam, variables)
+  got = jax.eval_shape(repvit.reparam, variables["params"], variables["batch_stats"])
   assert jax.tree.map(lambda a: a.shape, got) == jax.tree.map(lambda a: a.shape, expected)
 
 

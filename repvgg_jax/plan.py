@@ -1,0 +1,66 @@
+"""What a model family tells the shared code: its record in the registry (``Family``) and its deploy plan.
+
+A deploy plan is the list of a network's blocks in forward order (``Layer``), each of a ``BlockKind``: the
+block's Flax module and its ONNX emitter, written side by side in the family's module. The Flax network builds
+its deploy form by walking the plan, and ``export.to_onnx`` emits the ONNX graph (float or INT8) by walking the
+same plan, so a block kind is written once per backend and the two cannot drift apart. The classifier after
+the plan (global average pool, then the dense layer ``head`` of the network) is shared by every family.
+"""
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+  """One kind of deploy block. ``module``: its Flax module, built as ``module(**layer.attrs, name=layer.name)``
+  (plus the network's ``dtype``); ``emit(graph, x, path, **layer.attrs)``: the same computation as ONNX nodes on
+  ``graph`` (an ``export.OnnxGraph``), from the tensor named ``x``, with the block's parameters under ``path``;
+  returns the output tensor's name."""
+
+  module: type
+  emit: Callable[..., str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One block of a deploy plan: its kind, its parameter subtree ``name``, the feature stage its output belongs to
+  (``features_only``: the last layer of a stage gives that stage's map; None: none) and its kind's keywords."""
+
+  kind: BlockKind
+  name: str
+  stage: Optional[int]
+  attrs: Mapping[str, Any]
+
+
+def layer_key(quantized_modules: str, path: str) -> Optional[str]:
+  """The INT8 name of the layer at module ``path`` ("stage1_0/rbr_reparam" -> "stage1_0"), or None where it stays
+  float: a network's ``quantized_modules`` regex matches the paths of its INT8 layers, and its first group that
+  matched names the layer."""
+  match = re.fullmatch(quantized_modules, path)
+  return next((g for g in match.groups() if g is not None), path) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family as the registry (``families``) lists it.
+
+  ``network``: the class (or base class) of its networks, whose ``deploy_plan()``, ``head`` and
+  ``quantized_modules`` the shared code reads. ``variants``: official name -> variant record.
+  ``create(name, variant, **kwargs)``: the network (kwargs: num_classes,
+  deploy, dtype, features_only, out_indices and the user's overrides; a bad override is a ValueError).
+  ``reparam(params, batch_stats, eps)``: the training form's variables -> the deploy form's params. ``owns(params)``:
+  whether a params tree of either form is one of this family's. ``load_state_dict(state_dict, name, num_classes,
+  deploy, **overrides)`` and ``save_state_dict(variables, naming)``: its PyTorch weights, strictly, in and out.
+  """
+
+  name: str
+  network: type
+  variants: Mapping[str, Any]
+  create: Callable[..., Any]
+  reparam: Callable[..., dict]
+  owns: Callable[[Mapping], bool]
+  load_state_dict: Callable[..., dict]
+  save_state_dict: Callable[..., dict]
