@@ -20,6 +20,8 @@ def get_config():
       "num_conv_branches": placeholder(int),   # MobileOne: k, the conv+BN branches per layer
       "se_blocks": placeholder(tuple),         # MobileOne: SE in the last n blocks of stage1..stage4
       "use_post_se": placeholder(bool),        # RepVGGplus: SE after every block's ReLU
+      "widths": placeholder(tuple),            # RepViT: channels of stage1..stage4
+      "depths": placeholder(tuple),            # RepViT: blocks in stage1..stage4
       "bn_momentum": placeholder(float),       # every BatchNorm (Flax terms: 0.9 = PyTorch's 0.1)
       "bn_epsilon": placeholder(float),        # every BatchNorm; reparam folds with the same one
   })

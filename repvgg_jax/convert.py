@@ -20,7 +20,8 @@ import jax
 from absl import app, flags
 
 from repvgg_jax import checkpoints, cli, export
-from repvgg_jax.families import create_model
+from repvgg_jax.families import create_model, num_classes
+from repvgg_jax.models import input_channels
 from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
 from repvgg_jax.weights import NEEDS_TORCH, VERIFY_SHAPE, fused, load_orbax, load_pth
 
@@ -64,8 +65,8 @@ def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official"
 
 def write_onnx(model: str, deploy_params: dict, to_onnx: str) -> float:
   """Writes the plain model to ``to_onnx``, checked in onnxruntime first; returns the error."""
-  deploy = create_model(model, num_classes=deploy_params["linear"]["kernel"].shape[-1], deploy=True)
-  channels = deploy_params["stage0"]["rbr_reparam"]["kernel"].shape[2]
+  deploy = create_model(model, num_classes=num_classes(deploy_params), deploy=True)
+  channels = input_channels(deploy, deploy_params)
   images = jax.random.normal(jax.random.key(1), VERIFY_SHAPE[:3] + (channels,))
   return export.save_checked_onnx(deploy, deploy_params, images, to_onnx)
 

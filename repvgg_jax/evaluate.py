@@ -13,7 +13,7 @@ import functools
 
 import jax
 
-from repvgg_jax import cli, input_pipeline, training, weights
+from repvgg_jax import cli, families, input_pipeline, training, weights
 from repvgg_jax.models import given_overrides
 from repvgg_jax.steps import AXIS, eval_step, replicate
 
@@ -24,7 +24,7 @@ def evaluate_weights(config, path: str) -> dict:
   training.validate_config(config)
   source = input_pipeline.get_source(config.dataset, config.data_dir, (config.train_split, config.eval_split))
   variables = weights.load_any(config.model, path, "--weights", **given_overrides(config.model_overrides.to_dict()))
-  classes = variables["params"]["linear"]["kernel"].shape[-1]
+  classes = families.num_classes(variables["params"])
   if classes != source.num_classes:
     raise cli.UserError(f"--weights={path} has {classes} classes, the {config.dataset} eval split "
                         f"{source.num_classes}.")

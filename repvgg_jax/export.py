@@ -16,17 +16,8 @@ import numpy as np
 from jax import export as jax_export
 
 from repvgg_jax import equivalence
-from repvgg_jax.models import check_variables
+from repvgg_jax.models import check_variables, input_channels
 from repvgg_jax.plan import layer_key
-
-
-def input_channels(model, params: Mapping) -> int:
-  """The image channels the params take: the input side of the first deploy layer's kernel."""
-  first = params.get(model.deploy_plan()[0].name) if isinstance(params, Mapping) else None
-  kernels = [leaf for leaf in jax.tree.leaves(first) if np.ndim(leaf) == 4] if isinstance(first, Mapping) else []
-  if not kernels:
-    raise ValueError(f"params hold no kernel under {model.deploy_plan()[0].name!r}: not the params of this model.")
-  return int(np.shape(kernels[0])[2])
 
 
 def check_deploy_params(model, params: Mapping) -> None:

@@ -8,7 +8,9 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from repvgg_jax import models, plan, reparam, repvit, torch_weights, variants
 
@@ -47,6 +49,14 @@ def of_params(params: Mapping) -> plan.Family:
   """The family a params tree (either form) belongs to; trees that none claims go to the first family, whose
   checks then name what is wrong with them."""
   return next((family for family in FAMILIES if family.owns(params)), FAMILIES[0])
+
+
+def num_classes(params: Mapping) -> int:
+  """The class count of a params tree of either form: the output axis of the classifier's kernel (under its
+  network's ``head``)."""
+  head = params[of_params(params).network.head]
+  return next(int(np.shape(leaf)[-1]) for path, leaf in jax.tree_util.tree_flatten_with_path(head)[0]
+              if path[-1].key == "kernel")
 
 
 def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dtype: Any = jnp.float32,

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from repvgg_jax import cli, weights
+from repvgg_jax import cli, families, weights
 from repvgg_jax.models import given_overrides
 
 FROZEN, TRAINED = "frozen", "trained"
@@ -85,7 +85,7 @@ def merge(initial: dict, loaded: dict, exclude: Sequence[str] = ()) -> tuple[dic
   file's only in the last axis, by the two class counts). Returns (variables, the re-initialized names). Any
   other difference (a missing, extra or reshaped leaf) raises UserError: these are weights of another model.
   ``initial`` may be abstract (``jax.eval_shape``): the check then runs before anything is compiled."""
-  classes = {loaded["params"]["linear"]["kernel"].shape[-1], initial["params"]["linear"]["kernel"].shape[-1]}
+  classes = {families.num_classes(loaded["params"]), families.num_classes(initial["params"])}
   flat_initial, flat_loaded = ({(c, name): leaf for c in tree for name, leaf in named_leaves(tree[c]).items()}
                                for tree in (initial, loaded))
   problems = [f"missing {c}/{n}" for c, n in sorted(set(flat_initial) - set(flat_loaded))]

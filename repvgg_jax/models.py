@@ -450,3 +450,12 @@ def check_variables(model: nn.Module, variables, channels: int) -> None:
   if problems:
     raise ValueError(f"variables do not match the model: {'; '.join(problems[:5])}"
                      + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + ".")
+
+
+def input_channels(model, params: Mapping) -> int:
+  """The image channels the params take: the input side of the first deploy layer's kernel."""
+  first = params.get(model.deploy_plan()[0].name) if isinstance(params, Mapping) else None
+  kernels = [leaf for leaf in jax.tree.leaves(first) if np.ndim(leaf) == 4] if isinstance(first, Mapping) else []
+  if not kernels:
+    raise ValueError(f"params hold no kernel under {model.deploy_plan()[0].name!r}: not the params of this model.")
+  return int(np.shape(kernels[0])[2])

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from repvgg_jax import cli, input_pipeline
+from repvgg_jax import cli, families, input_pipeline
 
 ENGINE_FILES = {"onnx": "deploy.onnx", "int8": "deploy_int8.onnx"}
 ENGINES = ("jax",) + tuple(ENGINE_FILES)
@@ -110,7 +110,7 @@ def from_weights(model: str, path: str, flag: str = "--pth", image_size: int = 2
   except ValueError as e:
     raise cli.UserError(f"--model: {e}") from e
   params = weights.fused(model, weights.load_any(model, path, flag))
-  num_classes = params["linear"]["kernel"].shape[-1]
+  num_classes = families.num_classes(params)
   classes = imagenet_classes() if num_classes == 1000 else tuple(f"class {i}" for i in range(num_classes))
   return Predictor(_jax_logits(_deploy_model(model, {}, num_classes), params), classes, 3, image_size, crop_ratio,
                    input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD)

@@ -237,6 +237,10 @@ class RepViT(nn.Module):
       layers += [plan.Layer(BLOCK, f"stages_{i}_blocks_{j}", i, dict(use_se=j % 2 == 0)) for j in range(depth)]
     return layers
 
+  def aux_heads(self) -> dict[str, str]:
+    """No auxiliary heads (its distillation head is part of the classifier)."""
+    return {}
+
   def feature_info(self) -> list[dict]:
     """Per selected stage: ``stage``, ``num_chs`` and ``reduction`` (4, 8, 16, 32), as timm's ``feature_info``."""
     return [{"stage": i, "num_chs": self.widths[i], "reduction": 4 * 2 ** i} for i in self.out_indices]
@@ -330,7 +334,7 @@ def _fuse_tree(params: Mapping, stats: Mapping, eps: float) -> dict:
   for key, value in params.items():
     if key == "token_mixer":
       out[key] = {"conv": _fuse_repvgg_dw(value, stats[key], eps)}
-    elif isinstance(value, Mapping) and set(value) == {"c", "bn"}:
+    elif isinstance(value, Mapping) and "c" in value:  # A ConvNorm: its BN must be there too.
       out[key] = _fuse_conv_norm(value, stats[key], eps)
     elif isinstance(value, Mapping):
       out[key] = _fuse_tree(value, stats.get(key, {}), eps)

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 
 from repvgg_jax import checkpoints, cli
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.families import create_model
-from repvgg_jax.models import check_variables
+from repvgg_jax.families import create_model, num_classes
+from repvgg_jax.models import check_variables, input_channels
 from repvgg_jax.reparam import reparam
 from repvgg_jax.torch_weights import load_pytorch_state_dict
 
@@ -63,11 +63,9 @@ def load_pth(model: str, pth: str, num_classes=None, flag: str = "--pth", **over
 def _check(model: str, variables: dict, where: str, overrides: dict) -> dict:
   """``variables`` if they are exactly ``model``'s leaves (any head size, any image channels), else UserError."""
   try:
-    classes = variables["params"]["linear"]["kernel"].shape[-1]
-    stem = jax.tree_util.tree_flatten_with_path(variables["params"]["stage0"])[0]
-    channels = next(leaf.shape[2] for path, leaf in stem if path[-1].key == "kernel")  # (kh, kw, image channels, out)
-    check_variables(create_model(model, num_classes=classes, deploy="batch_stats" not in variables, **overrides),
-                    variables, channels)
+    network = create_model(model, num_classes=num_classes(variables["params"]), deploy="batch_stats" not in variables,
+                           **overrides)
+    check_variables(network, variables, input_channels(network, variables["params"]))
   except (KeyError, TypeError, ValueError, StopIteration) as e:
     raise cli.UserError(f"{where} holds no {model} weights: {cli.one_line(e)}") from e
   return variables
@@ -129,7 +127,7 @@ def fused(model: str, variables: dict) -> dict:
   if "batch_stats" not in variables:
     return variables["params"]
   deploy_params = reparam(variables["params"], variables["batch_stats"])
-  classes = variables["params"]["linear"]["kernel"].shape[-1]
+  classes = num_classes(variables["params"])
   error = check_equivalence(create_model(model, num_classes=classes), variables,
                             create_model(model, num_classes=classes, deploy=True), deploy_params,
                             jax.random.normal(jax.random.key(0), VERIFY_SHAPE))

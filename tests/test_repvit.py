@@ -89,3 +89,57 @@ def test_features_only_gives_the_four_stages_at_timms_strides():
   timm_model = timm.create_model("repvit_m0_9", features_only=True)
   assert [f.shape for f in features] == [(2, 64 // r, 64 // r, c) for r, c in zip(
       timm_model.feature_info.reduction(), timm_model.feature_info.channels())]
+
+
+def test_the_registry_builds_repvit_and_reparam_fuses_it_like_the_family_function():
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  assert rv.list_models()[-5:] == list(repvit.VARIANTS)
+  model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
+  variables = wellposed.well_posed_variables(model, (64, 64, 3), dtype=np.float32)
+  fused = rv.reparam(variables["params"], variables["batch_stats"])
+  for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(repvit.reparam(variables["params"],
+                                                                                    variables["batch_stats"]))):
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="Unknown override"):
+    rv.create_model("RepViT-M0.9", groups=2)
+  with pytest.raises(ValueError, match="out_indices must be distinct stages among 0..3"):
+    rv.create_model("RepViT-M0.9", features_only=True, out_indices=(4,))
+  with pytest.raises(ValueError, match="lack 'bn'"):
+    rv.reparam({**variables["params"], "stem_conv1": {"c": variables["params"]["stem_conv1"]["c"]}},
+               variables["batch_stats"])
+  backbone = rv.create_model("RepViT-M0.9", features_only=True, out_indices=(1, 3), depths=(1, 1, 1, 1))
+  maps = backbone.apply(variables, jnp.zeros((1, 64, 64, 3)))
+  assert [m.shape for m in maps] == [(1, 8, 8, 96), (1, 2, 2, 384)]
+  assert [(i["num_chs"], i["reduction"]) for i in backbone.feature_info()] == [(96, 8), (384, 32)]
+
+
+@pytest.mark.slow  # ~2 min on 2 cores (calibration and two onnxruntime sessions); CI runs it on Python 3.13.
+def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
+  """The ONNX graph walks the deploy plan block kind by block kind (the FFN's GELU and residual included): float
+  against the JAX deploy model on a well-posed network, and a broken graph (kernels swapped) caught; INT8 against
+  the JAX fake-quantized model on a shallow one (as tests/test_quantize.py's families), integer convolutions."""
+  pytest.importorskip("onnxruntime")
+  quantize = pytest.importorskip("repvgg_jax.quantize")
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
+  model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
+  deploy = rv.create_model("RepViT-M0.9", num_classes=10, deploy=True, depths=(1, 1, 1, 1))
+  variables = wellposed.well_posed_variables(model, (64, 64, 3), dtype=np.float32)
+  plain = jax.device_get(rv.reparam(variables["params"], variables["batch_stats"]))
+  x = wellposed.images((4, 64, 64, 3), seed=1).astype(np.float32)
+  run = lambda p, **kw: export.onnx_session(export.to_onnx(deploy, p, **kw)).run(
+      ["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
+  with jax.default_matmul_precision("highest"):
+    expected = np.asarray(deploy.apply({"params": plain}, x))
+  wellposed.assert_equal_functions(run(plain), expected, bound=1e-4)
+  wellposed.assert_caught(run(wellposed.mutations(plain)["kh and kw swapped"]), expected, bound=1e-4)
+
+  qmodel = quantize.fake_quantized(deploy)
+  stats = quantize.calibrate(qmodel, plain, [wellposed.images((16, 64, 64, 3), s).astype(np.float32) for s in (2, 3)])
+  layers = quantize.int8_layers(plain, stats)
+  assert {"stem_conv1", "stages_0_blocks_0/token_mixer", "stages_0_blocks_0/channel_mixer/conv2", "head",
+          quantize.POOL} <= set(layers) and not any("/se" in k for k in layers)  # SE stays float.
+  proto = export.to_onnx(deploy, plain, int8=layers)
+  got = export.onnx_session(proto).run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
+  expected_int8 = np.asarray(quantize.logits(qmodel, plain, stats, x))
+  assert np.abs(got - expected_int8).max() < quantize.ONNX_SPREAD_FRACTION * wellposed.spread(expected_int8)

@@ -223,6 +223,34 @@ def test_a_mobileone_run_with_the_recipe_deploys_its_moving_average(fmnist_dir, 
 _real_finish = training.finish
 
 
+def test_a_repvit_run_with_its_recipe_trains_deploys_and_exports(fmnist_dir, tmp_path):
+  """RepViT through the same loop with its recipe's optimizer (AdamW, mixup, EMA): the deploy form it writes
+  equals the training form, and its ONNX graph is checked in onnxruntime, as every family's."""
+  from configs import repvit_m0_9  # pylint: disable=g-import-not-at-top
+  recipe = repvit_m0_9.get_config()
+  config = tiny_config(fmnist_dir, model="RepViT-M0.9", optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
+                       learning_rate=recipe.learning_rate, mixup_alpha=recipe.mixup_alpha, ema_decay=0.5)
+  config.model_overrides.num_blocks = config.model_overrides.width_multiplier = None
+  config.model_overrides.depths, config.model_overrides.widths = (1, 1, 1, 1), (16, 32, 48, 64)
+  result = training.train_and_evaluate(config, str(tmp_path))
+  assert result["max_relative_error"] < equivalence.RTOL
+  deploy = checkpoints.load_tree(str(tmp_path / "deploy"))
+  assert set(deploy["head"]) == {"kernel", "bias"} and "bn" not in deploy["stem_conv1"]
+  assert os.path.exists(tmp_path / "deploy.onnx")
+
+
+def test_repvit_configs_hold_the_papers_recipe():
+  import importlib  # pylint: disable=g-import-not-at-top
+  keys = default.get_config().keys()
+  for name in (n for n in rv.list_models() if n.startswith("RepViT")):
+    config = importlib.import_module(f"configs.repvit_m{name[len('RepViT-M'):].replace('.', '_')}").get_config()
+    assert config.model == name and set(config.keys()) == set(keys)
+    assert (config.optimizer, config.num_epochs, config.batch_size, config.learning_rate) == ("adamw", 300, 2048, 5e-4)
+    assert (config.weight_decay, config.label_smoothing, config.mixup_alpha, config.ema_decay) == (0.025, 0.1, 0.8,
+                                                                                                    0.99996)
+    training.validate_config(config, keys)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("ema_decay", 1.0, "ema_decay must be in [0, 1)"),
     ("autoaugment_strength", -0.5, "autoaugment_strength must be >= 0"),
