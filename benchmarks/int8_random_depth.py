@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import repvgg_jax as rv  # pylint: disable=wrong-import-position
-from repvgg_jax import export, quantize  # pylint: disable=wrong-import-position
+from repvgg_jax import export, quantization  # pylint: disable=wrong-import-position
 from tests import wellposed  # pylint: disable=wrong-import-position
 
 DEPTHS = ((1, 1, 1, 1), (2, 2, 2, 1), (4, 4, 8, 1), (8, 14, 24, 1))  # The last is D2se's own.
@@ -33,13 +33,13 @@ def main():
     deploy = rv.create_model("RepVGG-D2se", deploy=True, **overrides)
     variables = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
     params = rv.reparam(variables["params"], variables["batch_stats"])
-    qmodel = quantize.fake_quantized(deploy)
-    stats = quantize.calibrate(qmodel, params, [wellposed.images((16, 32, 32, 3), s).astype(np.float32)
+    qmodel = quantization.fake_quantized(deploy)
+    stats = quantization.calibrate(qmodel, params, [wellposed.images((16, 32, 32, 3), s).astype(np.float32)
                                                 for s in (1, 2)])
-    proto = export.to_onnx(deploy, jax.device_get(params), int8=quantize.int8_layers(params, stats))
-    expected = np.asarray(quantize.logits(qmodel, params, stats, images))
+    proto = export.to_onnx(deploy, jax.device_get(params), int8=quantization.int8_layers(params, stats))
+    expected = np.asarray(quantization.logits(qmodel, params, stats, images))
     onnx = export.onnx_session(proto).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
-    jax_noisy = np.asarray(quantize.logits(qmodel, params, stats, noisy))
+    jax_noisy = np.asarray(quantization.logits(qmodel, params, stats, noisy))
     float_clean, float_noisy = (np.asarray(deploy.apply({"params": params}, x)) for x in (images, noisy))
     print(f"| {num_blocks} | {1 + sum(num_blocks)} | {wellposed.spread_error(onnx, expected):.3f} | "
           f"{wellposed.spread_error(jax_noisy, expected):.3f} | {wellposed.spread_error(float_noisy, float_clean):.4f} |")

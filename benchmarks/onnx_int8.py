@@ -102,12 +102,12 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
   of an untrained full-size model: speed only, as accuracy needs ImageNet."""
   import jax  # pylint: disable=g-import-not-at-top
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
-  from repvgg_jax import quantize  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import quantization  # pylint: disable=g-import-not-at-top
   model, deploy = rv.create_model(name), rv.create_model(name, deploy=True)
   variables = model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3), np.float32))
   params = rv.reparam(variables["params"], variables["batch_stats"])
   images = [np.random.default_rng(i).normal(size=(8, image_size, image_size, 3)).astype(np.float32) for i in range(2)]
-  stats = quantize.calibrate(quantize.fake_quantized(deploy), params, images)
+  stats = quantization.calibrate(quantization.fake_quantized(deploy), params, images)
   threads = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, "fp32.onnx")
@@ -115,7 +115,7 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
     paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(x.transpose(0, 3, 1, 2) for x in images))}
     sessions = {graph: export.onnx_session(path, threads) for graph, path in paths.items()}
     sessions["int8 Qwix scales (ours)"] = export.onnx_session(
-        export.to_onnx(deploy, params, int8=quantize.int8_layers(params, stats)), threads)
+        export.to_onnx(deploy, params, int8=quantization.int8_layers(params, stats)), threads)
     print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads, non-spinning sessions\n")
     print(speed_table(sessions, repeats, (3, image_size, image_size)))
 

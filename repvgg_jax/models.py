@@ -43,13 +43,17 @@ class Conv(nn.Module):
     return y if bias is None else add_bias(y, bias)
 
 
+def batch_norm(momentum: float = BN_MOMENTUM, epsilon: float = BN_EPSILON, axis_name: Optional[str] = None,
+               dtype: Any = None) -> Callable[..., nn.BatchNorm]:
+  """The ``norm`` a network hands its blocks: ``nn.BatchNorm`` with every setting but its mode, which goes with
+  each call (``use_running_average``), so that a method interceptor can run one layer on its running statistics
+  (``finetune.frozen_batch_norm``)."""
+  return functools.partial(nn.BatchNorm, momentum=momentum, epsilon=epsilon, axis_name=axis_name, dtype=dtype)
+
+
 def _batch_norm(module: nn.Module, train: bool, name: str) -> Callable[[jax.Array], jax.Array]:
-  """A BatchNorm configured from ``module``'s bn_* and dtype fields; created inside its compact call. The mode
-  goes with the call, not the constructor, so that a method interceptor can run one layer on its running
-  statistics (``finetune.frozen_batch_norm``)."""
-  return functools.partial(nn.BatchNorm(momentum=module.bn_momentum, epsilon=module.bn_epsilon,
-                                        axis_name=module.bn_axis_name, dtype=module.dtype, name=name),
-                           use_running_average=not train)
+  """``module.norm`` named ``name``, in the mode of ``train``; created inside the module's compact call."""
+  return functools.partial(module.norm(name=name), use_running_average=not train)
 
 
 class ConvBN(nn.Module):
@@ -59,9 +63,7 @@ class ConvBN(nn.Module):
   kernel_size: int
   strides: int = 1
   groups: int = 1
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -89,10 +91,9 @@ def _branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size:
                       identity_name: str):
   """A training-time block's body, both families: the k x k conv+BN branches ``conv_names``, a 1x1 conv+BN
   branch where k > 1, an identity BN where in == out channels and stride 1, summed; then SE, ReLU.
-  Called inside ``block``'s compact ``__call__`` (its fields: features, strides, groups, use_se, bn_*)."""
-  branch = functools.partial(ConvBN, block.features, strides=block.strides, groups=block.groups,
-                             bn_momentum=block.bn_momentum, bn_epsilon=block.bn_epsilon,
-                             bn_axis_name=block.bn_axis_name, dtype=block.dtype)
+  Called inside ``block``'s compact ``__call__`` (its fields: features, strides, groups, use_se, norm)."""
+  branch = functools.partial(ConvBN, block.features, strides=block.strides, groups=block.groups, norm=block.norm,
+                             dtype=block.dtype)
   y = sum(branch(kernel_size=kernel_size, name=name)(x, train) for name in conv_names)
   if kernel_size > 1:
     y = y + branch(kernel_size=1, name=small_name)(x, train)
@@ -119,9 +120,7 @@ class RepVGGBlock(nn.Module):
   strides: int = 1
   groups: int = 1
   use_se: bool = False
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
   post_se: bool = False
 
@@ -145,15 +144,13 @@ class QARepVGGBlock(nn.Module):
   features: int
   strides: int = 1
   groups: int = 1
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = ConvBN(self.features, 3, self.strides, self.groups, self.bn_momentum, self.bn_epsilon, self.bn_axis_name,
-               self.dtype, name="rbr_dense")(x, train)
+    y = ConvBN(self.features, 3, self.strides, self.groups, norm=self.norm, dtype=self.dtype, name="rbr_dense")(x,
+                                                                                                           train)
     y = y + Conv(self.features, 1, self.strides, self.groups, dtype=self.dtype, name="rbr_1x1")(x)
     if x.shape[-1] == self.features and self.strides == 1:
       gain = self.variable("batch_stats", "rbr_identity", jnp.ones, (self.features,), jnp.float32)
@@ -175,9 +172,7 @@ class MobileOneBlock(nn.Module):
   groups: int = 1
   num_conv_branches: int = 1
   use_se: bool = False
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -231,19 +226,16 @@ class AuxiliaryHead(nn.Module):
   global average pool, a dense layer (``fc``). (N, H, W, C) -> (N, num_classes)."""
 
   num_classes: int
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = ConvBN(x.shape[-1], 3, 2, 1, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
-               name="downsample")(x, train)
+    y = ConvBN(x.shape[-1], 3, 2, 1, norm=self.norm, dtype=self.dtype, name="downsample")(x, train)
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(global_average_pool(nn.relu(y)))
 
 
-def _check_images(x) -> None:
+def check_images(x) -> None:
   if x.ndim != 4:
     raise ValueError(f"Expected NHWC images of shape (batch, height, width, channels); got shape {x.shape}.")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -251,14 +243,11 @@ def _check_images(x) -> None:
                      "e.g. x.astype(jnp.float32) / 255.")
 
 
-class PlainStackNetwork(nn.Module):
-  """A stack of re-parameterizable blocks (``plan()``), global average pool, a dense head ``linear``.
-
-  ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
-  ``reparam`` produces. Input: float images (N, H, W, C). Output: logits (N, num_classes), float32 (float64
-  where ``dtype`` is float64); with ``features_only``, the list of the selected stages' outputs (N, H/r, W/r,
-  C) for r in 2, 4, 8, 16, 32 (``out_indices`` 0..4), and no head (a full model's ``linear`` is ignored).
-  """
+class Network(nn.Module):
+  """What every family's network has: its head size, its form (``deploy``), its outputs (logits, or with
+  ``features_only`` the stage outputs ``out_indices``), its compute dtype, and the BatchNorm settings, which
+  reach its blocks once, as ``norm()``. A family's network adds ``deploy_plan()``, ``head`` (the classifier's
+  parameter subtree), ``quantized_modules`` (``plan.layer_key``), ``feature_info()`` and ``aux_heads()``."""
 
   num_classes: int = 1000
   deploy: bool = False
@@ -268,6 +257,24 @@ class PlainStackNetwork(nn.Module):
   bn_momentum: float = BN_MOMENTUM
   bn_epsilon: float = BN_EPSILON
   bn_axis_name: Optional[str] = None
+
+  def norm(self) -> Callable[..., nn.BatchNorm]:
+    """The BatchNorm every block of this network uses (``batch_norm`` of the network's settings)."""
+    return batch_norm(self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype)
+
+  def aux_heads(self) -> dict[str, str]:
+    """Block name -> the auxiliary head after it (training form only); none but in RepVGGplus."""
+    return {}
+
+
+class PlainStackNetwork(Network):
+  """A stack of re-parameterizable blocks (``plan()``), global average pool, a dense head ``linear``.
+
+  ``deploy=False`` builds the multi-branch training form, ``deploy=True`` the plain form whose parameters
+  ``reparam`` produces. Input: float images (N, H, W, C). Output: logits (N, num_classes), float32 (float64
+  where ``dtype`` is float64); with ``features_only``, the list of the selected stages' outputs (N, H/r, W/r,
+  C) for r in 2, 4, 8, 16, 32 (``out_indices`` 0..4), and no head (a full model's ``linear`` is ignored).
+  """
 
   head = "linear"  # The classifier's parameter subtree.
   quantized_modules = r"(.+)/rbr_reparam|(linear)"  # INT8 layers (``plan.layer_key``): each block's conv, the head.
@@ -281,12 +288,8 @@ class PlainStackNetwork(nn.Module):
         features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
         kernel_size=spec.kernel_size, post_se=spec.post_se)) for spec in self.plan()]
 
-  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
     raise NotImplementedError
-
-  def aux_heads(self) -> dict[str, str]:
-    """Block name -> the auxiliary head after it (training form only); none but in RepVGGplus."""
-    return {}
 
   def feature_info(self) -> list[dict]:
     """Per selected stage (``out_indices``), without running the model: ``stage``, ``num_chs`` (its output
@@ -299,7 +302,7 @@ class PlainStackNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_aux: bool = False):
-    _check_images(x)
+    check_images(x)
     aux_after = {} if self.deploy else self.aux_heads()
     if return_aux and (not aux_after or self.features_only):
       raise ValueError("return_aux=True needs the training form of a model with auxiliary heads (RepVGGplus), "
@@ -311,11 +314,11 @@ class PlainStackNetwork(nn.Module):
       if self.deploy:
         block = layer.kind.module(**layer.attrs, dtype=self.dtype, name=layer.name)
       else:
-        block = self.training_block(spec)
+        block = self.training_block(spec, self.norm())
       x = block(x, train)
       stage_outputs[spec.stage] = x  # The last block of each stage writes last.
       if spec.name in aux_after and (return_aux or self.is_initializing()):  # Created at init, run when asked.
-        head = AuxiliaryHead(self.num_classes, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
+        head = AuxiliaryHead(self.num_classes, norm=self.norm(), dtype=self.dtype,
                              name=aux_after[spec.name])
         aux[aux_after[spec.name]] = head(x, train).astype(out_dtype)
     if self.features_only:
@@ -338,14 +341,14 @@ class RepVGG(PlainStackNetwork):
   def plan(self) -> list[variants.BlockSpec]:
     return variants.block_plan(self.num_blocks, self.width_multiplier, self.groups, self.use_se)
 
-  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
+  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
     if self.quantization_friendly:
       if spec.use_se:
         raise ValueError("QARepVGG blocks have no SE: its official placement (BN after SE) cannot be fused exactly.")
-      return QARepVGGBlock(spec.features, spec.strides, spec.groups, self.bn_momentum, self.bn_epsilon,
-                           self.bn_axis_name, self.dtype, name=spec.name)
-    return RepVGGBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.bn_momentum, self.bn_epsilon,
-                       self.bn_axis_name, self.dtype, name=spec.name)
+      return QARepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, norm=norm,
+                           dtype=self.dtype, name=spec.name)
+    return RepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se, norm=norm,
+                       dtype=self.dtype, name=spec.name)
 
 
 class MobileOne(PlainStackNetwork):
@@ -361,10 +364,10 @@ class MobileOne(PlainStackNetwork):
     return variants.mobileone_block_plan(self.num_blocks, self.width_multiplier, self.num_conv_branches,
                                          self.se_blocks)
 
-  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
-    return MobileOneBlock(spec.features, spec.kernel_size, spec.strides, spec.groups, spec.num_conv_branches,
-                          spec.use_se, self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype,
-                          name=spec.name)
+  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
+    return MobileOneBlock(features=spec.features, kernel_size=spec.kernel_size, strides=spec.strides,
+                          groups=spec.groups, num_conv_branches=spec.num_conv_branches, use_se=spec.use_se,
+                          norm=norm, dtype=self.dtype, name=spec.name)
 
 
 class RepVGGplus(PlainStackNetwork):
@@ -379,9 +382,9 @@ class RepVGGplus(PlainStackNetwork):
   def plan(self) -> list[variants.BlockSpec]:
     return variants.repvggplus_block_plan(self.num_blocks, self.width_multiplier, self.use_post_se)
 
-  def training_block(self, spec: variants.BlockSpec) -> nn.Module:
-    return RepVGGBlock(spec.features, spec.strides, spec.groups, spec.use_se, self.bn_momentum, self.bn_epsilon,
-                       self.bn_axis_name, self.dtype, spec.post_se, name=spec.name)
+  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
+    return RepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
+                       norm=norm, dtype=self.dtype, post_se=spec.post_se, name=spec.name)
 
   def aux_heads(self) -> dict[str, str]:
     last = {spec.name.rsplit("_", 1)[0]: spec.name for spec in self.plan()}

@@ -25,7 +25,7 @@ import numpy as np
 
 from repvgg_jax import plan, torch_weights
 from repvgg_jax.backend import global_average_pool
-from repvgg_jax.models import BN_EPSILON, BN_MOMENTUM, Conv
+from repvgg_jax.models import BN_EPSILON, Conv, Network, check_images
 from repvgg_jax.reparam import fuse_bn, fuse_bn_after_sum, identity_kernel, pad_1x1_to_3x3
 
 MLP_RATIO = 2  # The FFN's hidden width, in units of the block's width (timm's default for every variant).
@@ -205,21 +205,14 @@ class NormLinear(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="l")(x)
 
 
-class RepViT(nn.Module):
+class RepViT(Network):
   """RepViT, both forms: the blocks of ``deploy_plan()`` (with BatchNorms in the training form), global average
   pool, the classifier. (N, H, W, 3) -> (N, num_classes) logits, or with ``features_only`` the outputs of the
   stages ``out_indices`` (0..3: strides 4, 8, 16, 32)."""
 
-  widths: Sequence[int]
-  depths: Sequence[int]
-  num_classes: int = 1000
-  deploy: bool = False
-  features_only: bool = False
+  widths: Sequence[int] = dataclasses.field(kw_only=True)
+  depths: Sequence[int] = dataclasses.field(kw_only=True)
   out_indices: Sequence[int] = (0, 1, 2, 3)
-  bn_momentum: float = BN_MOMENTUM
-  bn_epsilon: float = BN_EPSILON
-  bn_axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
 
   head = "head"  # The deploy classifier's parameter subtree.
   # INT8 layers (``plan.layer_key``): every convolution but SE's, named by its ConvNorm or token mixer, and the head.
@@ -237,19 +230,14 @@ class RepViT(nn.Module):
       layers += [plan.Layer(BLOCK, f"stages_{i}_blocks_{j}", i, dict(use_se=j % 2 == 0)) for j in range(depth)]
     return layers
 
-  def aux_heads(self) -> dict[str, str]:
-    """No auxiliary heads (its distillation head is part of the classifier)."""
-    return {}
-
   def feature_info(self) -> list[dict]:
     """Per selected stage: ``stage``, ``num_chs`` and ``reduction`` (4, 8, 16, 32), as timm's ``feature_info``."""
     return [{"stage": i, "num_chs": self.widths[i], "reduction": 4 * 2 ** i} for i in self.out_indices]
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = None if self.deploy else functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
-                                                      epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
-                                                      dtype=self.dtype)
+    check_images(x)
+    norm = None if self.deploy else self.norm()
     x = x.astype(self.dtype)
     out_dtype = jnp.promote_types(self.dtype, jnp.float32)
     features = {}

@@ -9,7 +9,7 @@ needs TensorFlow (the bench and accelerator images use these without it).
 import collections
 import contextlib
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +145,13 @@ def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule,
   # A finite loss can still be followed by an update to inf/nan; the loop must not checkpoint that.
   metrics["params_finite"] = jnp.isfinite(optax.tree.norm(new_state.params)).astype(jnp.float32)
   return new_state, metrics
+
+
+def first_non_finite(history) -> Optional[int]:
+  """The index of the first of ``train_step``'s metrics (host copies, in step order) whose loss or updated
+  parameters are not finite; None where all are."""
+  healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
+  return None if healthy.all() else int(np.argmin(healthy))
 
 
 def eval_step(apply_fn: Callable, variables: dict, batch: dict, axis_name: str = AXIS) -> dict:

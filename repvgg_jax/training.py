@@ -22,8 +22,8 @@ from repvgg_jax.families import create_model
 from repvgg_jax.models import given_overrides
 from repvgg_jax.reparam import reparam
 from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, create_optimizer, create_train_state,
-                              eval_step, learning_rate_schedule, prefetch_to_device, replicate, shard, train_step,
-                              unreplicate, weight_decay_schedule)
+                              eval_step, first_non_finite, learning_rate_schedule, prefetch_to_device, replicate,
+                              shard, train_step, unreplicate, weight_decay_schedule)
 
 
 LABELS_FILE = "labels.txt"  # The class names of the run's labels, one per line in label order.
@@ -240,9 +240,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if not pending:
         return
       history = unreplicate(pending)
-      healthy = np.array([np.isfinite(h["loss"]) and h["params_finite"] == 1 for h in history])
-      if not healthy.all():
-        bad = step - len(pending) + 1 + int(np.argmin(healthy))
+      bad = first_non_finite(history)
+      if bad is not None:
+        bad += step - len(pending) + 1
         raise FloatingPointError(f"Loss or parameters became non-finite at step {bad}; stopping. The last good "
                                  f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}.")
       elapsed = time.time() - window_start

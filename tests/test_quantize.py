@@ -1,5 +1,5 @@
-"""Spec of INT8 (repvgg_jax/quantize.py): Qwix fake quantization of the deploy form with one quantized op per
-convolution, integer weights and scales exactly as the JAX model uses them, and an INT8 ONNX graph that
+"""Spec of INT8 (repvgg_jax/quantization.py and its command line, repvgg_jax/quantize.py): Qwix fake quantization
+of the deploy form with one quantized op per convolution, integer weights and scales exactly as the JAX model uses them, and an INT8 ONNX graph that
 onnxruntime runs with the JAX model's predictions, written by the command line only after that check."""
 
 import json
@@ -21,7 +21,7 @@ from tests import wellposed
 from tests.helpers import random_variables
 
 pytest.importorskip("qwix")  # The quant extra.
-from repvgg_jax import quantize  # pylint: disable=g-import-not-at-top,wrong-import-position
+from repvgg_jax import quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_classes=10, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 2, 2, 1))
 
@@ -36,13 +36,13 @@ def test_each_convolution_is_one_quantized_op_even_where_the_cpu_splits_it(name,
   model = rv.create_model(name, **overrides)
   v = random_variables(model, (2, 32, 32, 3))
   plain = rv.reparam(v["params"], v["batch_stats"])
-  stats = quantize.calibrate(quantize.fake_quantized(deploy), plain, [jnp.ones((2, 32, 32, 3))])
+  stats = quantization.calibrate(quantization.fake_quantized(deploy), plain, [jnp.ones((2, 32, 32, 3))])
   blocks = [k for k in plain if k != "linear"]
   assert sorted(stats) == sorted(blocks + ["linear"])
   for block in blocks:
     assert list(stats[block]["rbr_reparam"]) == ["conv_general_dilated0_lhs"], block
   assert list(stats["linear"]) == ["dot_general0_lhs"]
-  assert list(stats[blocks[-1]]) == ["rbr_reparam", quantize.POOL]  # The global pool's input grid.
+  assert list(stats[blocks[-1]]) == ["rbr_reparam", quantization.POOL]  # The global pool's input grid.
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -61,15 +61,15 @@ def test_int8_onnx_gives_the_jax_models_logits_for_every_family(name, overrides)
   deploy = rv.create_model(name, num_classes=10, deploy=True, **overrides)
   variables = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
   params = rv.reparam(variables["params"], variables["batch_stats"])
-  qmodel = quantize.fake_quantized(deploy)
+  qmodel = quantization.fake_quantized(deploy)
   calibration = [wellposed.images((16, 32, 32, 3), seed).astype(np.float32) for seed in (1, 2)]
-  stats = quantize.calibrate(qmodel, params, calibration)
-  proto = export.to_onnx(deploy, jax.device_get(params), int8=quantize.int8_layers(params, stats))
+  stats = quantization.calibrate(qmodel, params, calibration)
+  proto = export.to_onnx(deploy, jax.device_get(params), int8=quantization.int8_layers(params, stats))
   images = wellposed.images((32, 32, 32, 3), 7).astype(np.float32)
-  expected = np.asarray(quantize.logits(qmodel, params, stats, images))
+  expected = np.asarray(quantization.logits(qmodel, params, stats, images))
   got = export.onnx_session(proto).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
   error = np.abs(got - expected).max()
-  assert error < quantize.ONNX_SPREAD_FRACTION * wellposed.spread(expected)  # The command's bound.
+  assert error < quantization.ONNX_SPREAD_FRACTION * wellposed.spread(expected)  # The command's bound.
   # A random network's top two logits are often closer than that: the class must agree wherever they are not.
   top2 = np.sort(expected, -1)[:, -2:]
   clear = top2[:, 1] - top2[:, 0] > 2 * error
@@ -101,9 +101,9 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
   params = net.init(jax.random.key(1), x)["params"]
   params = jax.tree.map(lambda a: a + 0.1, params)  # A non-zero bias too.
-  qmodel = quantize.fake_quantized(net)
-  stats = quantize.calibrate(qmodel, params, [x, 2 * x])
-  layers = quantize.int8_layers(params, stats)
+  qmodel = quantization.fake_quantized(net)
+  stats = quantization.calibrate(qmodel, params, [x, 2 * x])
+  layers = quantization.int8_layers(params, stats)
   layer = layers["stage0"]
   assert layer["weight"].dtype == np.int8 and np.abs(layer["weight"]).max() == 127
   # Static range: the mean over the two batches of the per-example min and max (Qwix averages over the batch
@@ -124,10 +124,10 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   # quantizes with it, so the first batch saw its own input range and the second the mean of both.
   per_image_max = [block(x, 1.0).reshape(4, -1).max(1).mean(), block(2 * x, 1.5).reshape(4, -1).max(1).mean()]
   pool_high = np.mean(per_image_max)
-  assert layers[quantize.POOL]["input_scale"] == pytest.approx(pool_high / 255, rel=1e-6)
-  assert layers[quantize.POOL]["input_zero_point"] == -128  # After a ReLU: 256 steps over [0, max].
+  assert layers[quantization.POOL]["input_scale"] == pytest.approx(pool_high / 255, rel=1e-6)
+  assert layers[quantization.POOL]["input_zero_point"] == -128  # After a ReLU: 256 steps over [0, max].
   expected = _on_the_grid(block(x, 1.5), 0.0, pool_high)
-  got = quantize.logits(qmodel, params, stats, x)
+  got = quantization.logits(qmodel, params, stats, x)
   np.testing.assert_allclose(got, expected, atol=2e-6 * float(np.abs(expected).max()))
   assert len(np.unique(np.round(np.asarray(got) / (pool_high / 255), 3) % 1)) == 1  # On the grid.
 
@@ -148,11 +148,11 @@ def test_a_grouped_convolution_trains_with_the_gradients_of_its_dense_equivalent
   dense = {"stage0": {"rbr_reparam": {**grouped["stage0"]["rbr_reparam"], "kernel": dense_kernel}}}
 
   def values_and_gradients(net, params):
-    qmodel = quantize.fake_quantized(net)
-    stats = quantize.calibrate(qmodel, params, [x])
+    qmodel = quantization.fake_quantized(net)
+    stats = quantization.calibrate(qmodel, params, [x])
     inside = 0.6 * x  # Within the calibrated range: nothing clipped.
-    loss = lambda p: jnp.sum(weights * quantize._apply(qmodel, p, stats, inside, update=False))  # As qat's step.
-    return quantize.logits(qmodel, params, stats, x), jax.grad(loss)(params)["stage0"]["rbr_reparam"]
+    loss = lambda p: jnp.sum(weights * quantization._apply(qmodel, p, stats, inside, update=False))  # As qat's step.
+    return quantization.logits(qmodel, params, stats, x), jax.grad(loss)(params)["stage0"]["rbr_reparam"]
 
   y, grads = values_and_gradients(_OneConv(groups=4), grouped)
   y_dense, grads_dense = values_and_gradients(_OneConv(), dense)
@@ -165,8 +165,8 @@ def test_a_grouped_convolution_trains_with_the_gradients_of_its_dense_equivalent
 def test_per_channel_scales_beat_per_tensor_on_a_kernel_with_an_outlier_channel():
   kernel = np.random.default_rng(0).normal(size=(3, 3, 16, 8))
   kernel[..., 0] *= 100  # As a fused identity or 1x1 branch can make one channel's centre tap dominate.
-  per_tensor = quantize.sqnr_db(kernel[..., 1:], quantize.quantize_symmetric(kernel)[..., 1:])
-  per_channel = quantize.sqnr_db(kernel[..., 1:], quantize.quantize_symmetric(kernel, axis=-1)[..., 1:])
+  per_tensor = quantization.sqnr_db(kernel[..., 1:], quantization.quantize_symmetric(kernel)[..., 1:])
+  per_channel = quantization.sqnr_db(kernel[..., 1:], quantization.quantize_symmetric(kernel, axis=-1)[..., 1:])
   assert per_channel > 40 > per_tensor + 20
 
 
@@ -175,14 +175,14 @@ def test_kernel_absmax_reports_each_fused_kernels_largest_weight():
   kernel[1, 1, 0, 3] = -140.0  # A depthwise centre tap as MobileOne's fused identity and 1x1 branches can make.
   params = {"stage1_0": {"rbr_reparam": {"kernel": kernel, "bias": np.zeros(8)}},
             "linear": {"kernel": np.full((8, 10), 0.5), "bias": np.zeros(10)}}
-  assert quantize.kernel_absmax(params) == {"stage1_0": 140.0, "linear": 0.5}
+  assert quantization.kernel_absmax(params) == {"stage1_0": 140.0, "linear": 0.5}
 
 
 def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradients():
   params = {"stage0": {"rbr_reparam": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 4, 6)),
                                        "bias": jnp.ones(6)}},
             "linear": {"kernel": jax.random.normal(jax.random.key(1), (6, 10)), "bias": jnp.zeros(10)}}
-  w4 = quantize.quantize_weights(params, 4)
+  w4 = quantization.quantize_weights(params, 4)
   for kernel, original in ((w4["stage0"]["rbr_reparam"]["kernel"], params["stage0"]["rbr_reparam"]["kernel"]),
                            (w4["linear"]["kernel"], params["linear"]["kernel"])):
     for c in range(kernel.shape[-1]):
@@ -190,7 +190,7 @@ def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradie
       np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)  # Integers ...
       assert np.abs(np.round(steps)).max() <= 7  # ... in [-7, 7].
   assert w4["stage0"]["rbr_reparam"]["bias"] is params["stage0"]["rbr_reparam"]["bias"]
-  grad = jax.grad(lambda p: quantize.quantize_weights(p, 4)["linear"]["kernel"].sum())(params)
+  grad = jax.grad(lambda p: quantization.quantize_weights(p, 4)["linear"]["kernel"].sum())(params)
   np.testing.assert_array_equal(grad["linear"]["kernel"], np.ones((6, 10)))
 
 
@@ -221,7 +221,7 @@ def test_the_command_quantizes_a_finished_run_and_writes_a_checked_int8_onnx(tmp
     metrics = json.load(f)
   assert {"float32", "ptq", "qat", "onnx_int8", "onnx_vs_jax", "kernel_sqnr_db",
           "kernel_absmax", "activation_sqnr_db"} <= set(metrics)
-  assert metrics["onnx_vs_jax"]["argmax_agreement"] >= quantize.ONNX_ARGMAX_AGREEMENT
+  assert metrics["onnx_vs_jax"]["argmax_agreement"] >= quantization.ONNX_ARGMAX_AGREEMENT
   assert os.path.getsize(os.path.join(workdir, "deploy_int8.onnx")) > 0
   import onnx  # pylint: disable=g-import-not-at-top
   ops = [n.op_type for n in onnx.load(os.path.join(workdir, "deploy_int8.onnx")).graph.node]

@@ -119,7 +119,7 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
   against the JAX deploy model on a well-posed network, and a broken graph (kernels swapped) caught; INT8 against
   the JAX fake-quantized model on a shallow one (as tests/test_quantize.py's families), integer convolutions."""
   pytest.importorskip("onnxruntime")
-  quantize = pytest.importorskip("repvgg_jax.quantize")
+  quantization = pytest.importorskip("repvgg_jax.quantization")
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   from repvgg_jax import export  # pylint: disable=g-import-not-at-top
   model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
@@ -134,12 +134,12 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
   wellposed.assert_equal_functions(run(plain), expected, bound=1e-4)
   wellposed.assert_caught(run(wellposed.mutations(plain)["kh and kw swapped"]), expected, bound=1e-4)
 
-  qmodel = quantize.fake_quantized(deploy)
-  stats = quantize.calibrate(qmodel, plain, [wellposed.images((16, 64, 64, 3), s).astype(np.float32) for s in (2, 3)])
-  layers = quantize.int8_layers(plain, stats)
+  qmodel = quantization.fake_quantized(deploy)
+  stats = quantization.calibrate(qmodel, plain, [wellposed.images((16, 64, 64, 3), s).astype(np.float32) for s in (2, 3)])
+  layers = quantization.int8_layers(plain, stats)
   assert {"stem_conv1", "stages_0_blocks_0/token_mixer", "stages_0_blocks_0/channel_mixer/conv2", "head",
-          quantize.POOL} <= set(layers) and not any("/se" in k for k in layers)  # SE stays float.
+          quantization.POOL} <= set(layers) and not any("/se" in k for k in layers)  # SE stays float.
   proto = export.to_onnx(deploy, plain, int8=layers)
   got = export.onnx_session(proto).run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
-  expected_int8 = np.asarray(quantize.logits(qmodel, plain, stats, x))
-  assert np.abs(got - expected_int8).max() < quantize.ONNX_SPREAD_FRACTION * wellposed.spread(expected_int8)
+  expected_int8 = np.asarray(quantization.logits(qmodel, plain, stats, x))
+  assert np.abs(got - expected_int8).max() < quantization.ONNX_SPREAD_FRACTION * wellposed.spread(expected_int8)
