@@ -4,8 +4,8 @@ THU-MIG/RepViT main.py defaults, trained on 8 GPUs x 256 images).
   python train.py --config=configs/repvit_m0_9.py --workdir=runs/repvit_m0_9
 
 From the paper and main.py: AdamW, 300 epochs, global batch 2048, learning rate 1e-3 per 512 images (5e-4 per 256
-here) with 5 warm-up epochs and a cosine schedule, weight decay 0.025 (timm's optimizer exempts biases and
-BatchNorm parameters, as this loop's mask does: every RepViT BN is named ``bn``), label smoothing 0.1, RandAugment
+here) with 5 warm-up epochs and a cosine schedule, weight decay 0.025 (none on biases and BatchNorm parameters,
+as timm's optimizer: the RepViT family's decay rule), label smoothing 0.1, RandAugment
 (timm's rand-m9-mstd0.5: magnitude 9 here), mixup 0.8, EMA of the weights (decay 0.99996).
 
 Not supported here, so not reproduced: the knowledge distillation from a RegNetY-16GF teacher (hard distillation

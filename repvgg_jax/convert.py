@@ -50,7 +50,10 @@ def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
 def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official") -> None:
   """Writes training-time variables ({'params', 'batch_stats'}) or deploy params ({'params'}) as a .pth file, or
   as .safetensors (numpy, no torch) where ``to_pth`` ends so."""
-  state_dict = to_numpy_state_dict(variables, naming=naming)
+  try:
+    state_dict = to_numpy_state_dict(variables, naming=naming)
+  except ValueError as e:  # A naming the family has none of (timm for QARepVGG, official for RepViT).
+    raise cli.UserError(f"--naming={naming}: {e}") from e
   load_pytorch_state_dict(state_dict, model)  # Strict check that these are weights of ``model``.
   if to_pth.endswith(".safetensors"):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top

@@ -5,6 +5,8 @@ weights). Nothing else in the shared code names a family.
 """
 
 import difflib
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -14,11 +16,50 @@ import numpy as np
 
 from repvgg_jax import models, plan, reparam, repvit, torch_weights, variants
 
+def _plain_stack(kind: str, variant_type: type, owns, quantization_friendly: bool = False) -> plan.Family:
+  """A family of RepVGG-style stacks (one re-parameterizable block kind per family, one fused convolution each):
+  the shared network, fusion and PyTorch machinery, with the family's variants and key names (``kind``)."""
+  return plan.Family(kind, models.PlainStackNetwork, variants.of_kind(variant_type, quantization_friendly),
+                     models.create_plain_stack, reparam.fuse_plain_stack, owns,
+                     functools.partial(torch_weights.load_plain_stack_state_dict, kind=kind),
+                     functools.partial(torch_weights.plain_stack_state_dict, kind=kind), _official_decay)
+
+
+def _official_decay(path: tuple[str, ...], _) -> bool:
+  """RepVGG's official train.py: every kernel and the identity branch's BN scale; not biases, nor the BN scales
+  of the conv branches (``.../bn/scale``)."""
+  return path[-1] != "bias" and not (path[-1] == "scale" and "bn" in path)
+
+
+def _leaf_paths(params: Mapping):
+  return [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
+
+
+def _is_repvggplus(params: Mapping) -> bool:
+  return "stage0" in params and any(block.startswith("stage3_first") for block in params)
+
+
+def _is_qarepvgg(params: Mapping) -> bool:
+  """A training-form block with a BN of its own, after the branch sum (``stageN_i/bn``)."""
+  return "stage0" in params and any(isinstance(block, Mapping) and "bn" in block for block in params.values())
+
+
+def _is_mobileone(params: Mapping) -> bool:
+  """MobileOne's branch names, or (deploy) the fused 1x1 kernels RepVGG never has."""
+  return "stage0" in params and any(re.fullmatch(r"rbr_conv_\d+|rbr_scale|rbr_skip", n) for path in _leaf_paths(params) for n in path) or any(
+      isinstance(block, Mapping) and np.shape(block.get("rbr_reparam", {}).get("kernel", np.zeros((3,))))[0] == 1
+      for block in params.values())
+
+
+def _is_repvgg(params: Mapping) -> bool:
+  return "stage0" in params and not (_is_repvggplus(params) or _is_qarepvgg(params) or _is_mobileone(params))
+
+
 FAMILIES: tuple[plan.Family, ...] = (
-    # RepVGG, QARepVGG, MobileOne and RepVGGplus: stacks of re-parameterizable blocks, one convolution each.
-    plan.Family("plain_stack", models.PlainStackNetwork, variants.VARIANTS, models.create_plain_stack, reparam.fuse_plain_stack,
-                lambda params: "stage0" in params, torch_weights.load_plain_stack_state_dict,
-                torch_weights.plain_stack_state_dict),
+    _plain_stack("repvgg", variants.Variant, _is_repvgg),
+    _plain_stack("mobileone", variants.MobileOneVariant, _is_mobileone),
+    _plain_stack("repvggplus", variants.RepVGGplusVariant, _is_repvggplus),
+    _plain_stack("qarepvgg", variants.Variant, _is_qarepvgg, quantization_friendly=True),
     repvit.FAMILY,
 )
 

@@ -47,13 +47,15 @@ def layer_key(quantized_modules: str, path: str) -> Optional[str]:
 class Family:
   """A model family as the registry (``families``) lists it.
 
-  ``network``: the class (or base class) of its networks, whose ``deploy_plan()``, ``head`` and
-  ``quantized_modules`` the shared code reads. ``variants``: official name -> variant record.
-  ``create(name, variant, **kwargs)``: the network (kwargs: num_classes,
-  deploy, dtype, features_only, out_indices and the user's overrides; a bad override is a ValueError).
-  ``reparam(params, batch_stats, eps)``: the training form's variables -> the deploy form's params. ``owns(params)``:
-  whether a params tree of either form is one of this family's. ``load_state_dict(state_dict, name, num_classes,
-  deploy, **overrides)`` and ``save_state_dict(variables, naming)``: its PyTorch weights, strictly, in and out.
+  ``name``: the registry's name of the family ("repvgg", "mobileone", ...). ``network``: the class (or base class)
+  of its networks, whose ``deploy_plan()``, ``head`` and ``quantized_modules`` the shared code reads.
+  ``variants``: official name -> variant record. ``create(name, variant, **kwargs)``: the network (kwargs:
+  num_classes, deploy, dtype, features_only, out_indices and the user's overrides; a bad override is a
+  ValueError). ``reparam(params, batch_stats, eps)``: the training form's variables -> the deploy form's params.
+  ``owns(params)``: whether a params tree of either form is one of this family's. ``load_state_dict(state_dict,
+  name, num_classes, deploy, **overrides)`` and ``save_state_dict(variables, naming)``: its PyTorch weights,
+  strictly, in and out. ``decays(path, leaf)``: whether its recipe puts weight decay on a parameter (path: the
+  leaf's names).
   """
 
   name: str
@@ -64,3 +66,4 @@ class Family:
   owns: Callable[[Mapping], bool]
   load_state_dict: Callable[..., dict]
   save_state_dict: Callable[..., dict]
+  decays: Callable[[tuple[str, ...], Any], bool]

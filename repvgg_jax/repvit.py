@@ -389,9 +389,16 @@ def to_timm_state_dict(variables: Mapping, deploy: bool) -> dict[str, np.ndarray
 def _state_dict(variables: Mapping, naming: str) -> dict[str, np.ndarray]:
   if naming != "timm":
     raise ValueError("RepViT's weights are written in timm's naming (THU-MIG/RepViT's own keys are not supported): "
-                     "use naming='timm'.")
+                     "use the timm naming.")
   return to_timm_state_dict(variables, deploy="batch_stats" not in variables)
 
 
-FAMILY = plan.Family("repvit", RepViT, VARIANTS, create, reparam, lambda params: "stem_conv1" in params, from_timm_state_dict,
-                     _state_dict)
+def _decays(path: tuple[str, ...], leaf) -> bool:
+  """timm's optimizer (``filter_bias_and_bn``), as THU-MIG/RepViT trains: decay on kernels, none on 1-D
+  parameters (biases, BN scales and shifts)."""
+  del path
+  return np.ndim(leaf) > 1
+
+
+FAMILY = plan.Family("repvit", RepViT, VARIANTS, create, reparam, lambda params: "stem_conv1" in params,
+                     from_timm_state_dict, _state_dict, _decays)

@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 from jax import lax
 
-from repvgg_jax import finetune
+from repvgg_jax import families, finetune
 
 AXIS = "batch"
 
@@ -37,14 +37,11 @@ class TrainState(train_state.TrainState):
 
 
 def weight_decay_mask(params) -> Any:
-  """True where weight decay applies, as in the official train.py: every kernel and the identity branch's BN
-  scale; not biases, nor the BN scales of the 3x3 and 1x1 branches (``.../bn/scale``)."""
-
-  def decays(path, _):
-    names = [getattr(p, "key", str(p)) for p in path]
-    return names[-1] != "bias" and not (names[-1] == "scale" and "bn" in names)
-
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """True where weight decay applies, by the rule of the params' family (``plan.Family.decays``): RepVGG's
+  official train.py decays every kernel and the identity branch's BN scale, not biases nor the BN scales of the
+  3x3 and 1x1 branches; RepViT's (timm's optimizer) every kernel, no bias or BN parameter."""
+  decays = families.of_params(params).decays
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: decays(tuple(p.key for p in path), leaf), params)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int) -> optax.Schedule:

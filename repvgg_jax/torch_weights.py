@@ -35,16 +35,6 @@ LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": 
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
 
-def family(name: str) -> str:
-  """"mobileone", "qarepvgg", "repvggplus" or "repvgg", from an official model name."""
-  variant = variants.VARIANTS[name]
-  if getattr(variant, "quantization_friendly", False):
-    return "qarepvgg"
-  if isinstance(variant, variants.RepVGGplusVariant):
-    return "repvggplus"
-  return "mobileone" if isinstance(variant, variants.MobileOneVariant) else "repvgg"
-
-
 def _is_identity_gain(names: tuple[str, ...]) -> bool:
   """QARepVGG's identity gain (batch_stats .../rbr_identity, ones): ours alone, no PyTorch counterpart."""
   return names[0] == "batch_stats" and names[-1] == "rbr_identity"
@@ -179,9 +169,9 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
 
 
 def load_plain_stack_state_dict(state_dict: Mapping[str, Any], name: str, num_classes: Optional[int] = None,
-                                deploy: Optional[bool] = None, **overrides) -> dict:
-  """``load_pytorch_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus."""
-  kind = family(name)
+                                deploy: Optional[bool] = None, *, kind: str, **overrides) -> dict:
+  """``load_pytorch_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (``kind``: "repvgg", "qarepvgg",
+  "mobileone" or "repvggplus", the registry's name of the family)."""
   weights = {}
   if kind in NO_TIMM and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
     raise ValueError(f"{name}: timm has no {NO_TIMM[kind]} (official) naming.")
@@ -236,22 +226,6 @@ def load_plain_stack_state_dict(state_dict: Mapping[str, Any], name: str, num_cl
   return dict(variables)
 
 
-def _family_of(variables: Mapping) -> str:
-  """RepVGGplus trees have a stage3_first; MobileOne trees have its branch names, or (deploy) 1x1 fused kernels,
-  which RepVGG never has; QARepVGG's training-time blocks a BN of their own (``stageN_i/bn``)."""
-  if any(block.startswith("stage3_first") for tree in variables.values() for block in tree):
-    return "repvggplus"
-  for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
-    names = [p.key for p in path]
-    if len(names) == 4 and names[0] == "params" and names[2] == "bn":
-      return "qarepvgg"
-    if any(re.fullmatch(r"rbr_conv_\d+|rbr_scale|rbr_skip", n) for n in names):
-      return "mobileone"
-    if names[-2:] == ["rbr_reparam", "kernel"] and np.shape(leaf)[0] == 1:
-      return "mobileone"
-  return "repvgg"
-
-
 def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
   """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and the family's
   official (or timm) naming; no torch needed (``safetensors.numpy.save_file`` writes it).
@@ -266,9 +240,9 @@ def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict
   return families.of_params(variables["params"]).save_state_dict(variables, naming)
 
 
-def plain_stack_state_dict(variables: Mapping, naming: str) -> dict[str, np.ndarray]:
-  """``to_numpy_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (the family told apart by the tree)."""
-  kind = _family_of(variables)
+def plain_stack_state_dict(variables: Mapping, naming: str, *, kind: str) -> dict[str, np.ndarray]:
+  """``to_numpy_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (``kind`` as for
+  ``load_plain_stack_state_dict``)."""
   if kind in NO_TIMM and naming == "timm":
     raise ValueError(f"timm has no {NO_TIMM[kind]} (official) naming: use naming='official'.")
   out = state_dict_of(variables, lambda names: None if _is_identity_gain(names) else official_key(names[1:], kind),

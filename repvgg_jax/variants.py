@@ -94,6 +94,12 @@ VARIANTS.update({"QA" + name: dataclasses.replace(variant, quantization_friendly
                  for name, variant in list(VARIANTS.items()) if name.startswith("RepVGG-") and not variant.use_se})
 
 
+def of_kind(kind: type, quantization_friendly: bool = False) -> dict:
+  """The variants of one record type (QARepVGG's: RepVGG's records with ``quantization_friendly``), in order."""
+  return {name: v for name, v in VARIANTS.items()
+          if type(v) is kind and getattr(v, "quantization_friendly", False) == quantization_friendly}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """One block of a network: its parameter-tree name, output channels, stride, groups, kernel size, number of

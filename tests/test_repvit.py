@@ -143,3 +143,15 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
   got = export.onnx_session(proto).run(["logits"], {"images": x.transpose(0, 3, 1, 2)})[0]
   expected_int8 = np.asarray(quantization.logits(qmodel, plain, stats, x))
   assert np.abs(got - expected_int8).max() < quantization.ONNX_SPREAD_FRACTION * wellposed.spread(expected_int8)
+
+
+def test_weight_decay_falls_on_kernels_only_as_in_timms_optimizer():
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  from repvgg_jax import steps  # pylint: disable=g-import-not-at-top
+  model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  mask = steps.weight_decay_mask(params)
+  assert mask["stem_conv1"]["c"]["kernel"] and mask["head"]["l"]["kernel"]
+  assert not mask["stem_conv1"]["bn"]["scale"] and not mask["head"]["bn"]["scale"] and not mask["head"]["l"]["bias"]
+  assert not mask["stages_0_blocks_0"]["token_mixer"]["conv1"]["bias"]  # RepVGGDW's 1x1 conv has a bias.
+  assert all(decays == (leaf.ndim > 1) for decays, leaf in zip(jax.tree.leaves(mask), jax.tree.leaves(params)))
