@@ -16,6 +16,7 @@ import numpy as np
 
 from repvgg_jax import models, plan, reparam, repvit, torch_weights, variants
 
+
 def _plain_stack(kind: str, variant_type: type, owns, quantization_friendly: bool = False) -> plan.Family:
   """A family of RepVGG-style stacks (one re-parameterizable block kind per family, one fused convolution each):
   the shared network, fusion and PyTorch machinery, with the family's variants and key names (``kind``)."""
@@ -31,10 +32,6 @@ def _official_decay(path: tuple[str, ...], _) -> bool:
   return path[-1] != "bias" and not (path[-1] == "scale" and "bn" in path)
 
 
-def _leaf_paths(params: Mapping):
-  return [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
-
-
 def _is_repvggplus(params: Mapping) -> bool:
   return "stage0" in params and any(block.startswith("stage3_first") for block in params)
 
@@ -44,11 +41,14 @@ def _is_qarepvgg(params: Mapping) -> bool:
   return "stage0" in params and any(isinstance(block, Mapping) and "bn" in block for block in params.values())
 
 
+_MOBILEONE_BRANCH = re.compile(r"rbr_conv_\d+|rbr_scale|rbr_skip")
+
+
 def _is_mobileone(params: Mapping) -> bool:
-  """MobileOne's branch names, or (deploy) the fused 1x1 kernels RepVGG never has."""
-  return "stage0" in params and any(re.fullmatch(r"rbr_conv_\d+|rbr_scale|rbr_skip", n) for path in _leaf_paths(params) for n in path) or any(
-      isinstance(block, Mapping) and np.shape(block.get("rbr_reparam", {}).get("kernel", np.zeros((3,))))[0] == 1
-      for block in params.values())
+  """MobileOne's branch names, or (deploy) a fused 1x1 kernel, which RepVGG never has."""
+  blocks = [block for block in params.values() if isinstance(block, Mapping)]
+  return "stage0" in params and (any(_MOBILEONE_BRANCH.fullmatch(key) for block in blocks for key in block) or any(
+      np.shape(block["rbr_reparam"]["kernel"])[0] == 1 for block in blocks if "rbr_reparam" in block))
 
 
 def _is_repvgg(params: Mapping) -> bool:

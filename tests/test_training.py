@@ -224,6 +224,7 @@ def test_a_mobileone_run_with_the_recipe_deploys_its_moving_average(fmnist_dir, 
 _real_finish = training.finish
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores; CI runs it on Python 3.13, and configs/repvit_quickstart.py is measured.
 def test_a_repvit_run_with_its_recipe_trains_deploys_and_exports(fmnist_dir, tmp_path):
   """RepViT through the same loop with its recipe's optimizer (AdamW, mixup, EMA): the deploy form it writes
   equals the training form, and its ONNX graph is checked in onnxruntime, as every family's."""
@@ -250,6 +251,11 @@ def test_repvit_configs_hold_the_papers_recipe():
     assert (config.weight_decay, config.label_smoothing, config.mixup_alpha, config.ema_decay) == (0.025, 0.1, 0.8,
                                                                                                     0.99996)
     training.validate_config(config, keys)
+  from configs import repvit_quickstart  # pylint: disable=g-import-not-at-top
+  small = repvit_quickstart.get_config()  # Its run is in benchmarks/RESULTS.md; here, that it builds.
+  training.validate_config(small, keys)
+  model = training.model_from_config(small, num_classes=10)
+  assert (model.widths, model.depths) == ((24, 48, 96, 192), (1, 1, 2, 1))
 
 
 @pytest.mark.parametrize("field, value, message", [
