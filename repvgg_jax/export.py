@@ -67,18 +67,19 @@ ONNX_OPSET = 17  # Every op used (Conv, Relu, Erf, Sigmoid, Add, Mul, Div, Globa
 ONNX_IR_VERSION = 8  # The IR of opset 17; onnxruntime refuses IR versions newer than it knows.
 
 
-POOL = "pool"  # The INT8 name of the global pool's input grid (``quantize.int8_layers``).
+POOL = "pool"  # The INT8 name of the global pool's input grid (``quantization.int8_layers``).
 
 
 class OnnxGraph:
   """The ONNX nodes of a deploy network under construction, for the block kinds' emitters (``plan.BlockKind``).
 
   Layers are named by their parameter paths ("stage1_0/rbr_reparam"), nodes by the same path with dots. With
-  ``int8`` (``quantize.int8_layers``: per quantized layer's path an input grid, int8 weights and per-output-channel
-  weight scales), a convolution or the classifier of a listed layer is emitted in QDQ form: its input through
-  QuantizeLinear/DequantizeLinear on its static grid (as uint8, the zero point moved by 128: the same grid), its
-  weight the int8 grid as uint8 (zero point 128) and its bias an int32 tensor behind per-channel DequantizeLinear ops, which onnxruntime fuses
-  into integer kernels (a ReLU before a zero point of 0 folds away); the rest stays float.
+  ``int8`` (``quantization.int8_layers``: per INT8 layer, named by the network's ``quantized_modules``, an input
+  grid, int8 weights and per-output-channel weight scales), a convolution or the classifier of a listed layer is
+  emitted in QDQ form: its input through QuantizeLinear/DequantizeLinear on its static grid (as uint8, the zero
+  point moved by 128: the same grid), its weight the int8 grid as uint8 (zero point 128) and its bias an int32
+  tensor behind per-channel DequantizeLinear ops, which onnxruntime fuses into integer kernels (a ReLU before a
+  zero point of 0 folds away); the rest stays float.
   """
 
   def __init__(self, model, params: Mapping, int8: Optional[Mapping[str, Mapping]] = None):
@@ -197,7 +198,7 @@ def to_onnx(model, params: Mapping, path: Optional[str] = None, image_size: Opti
 
   The nodes are the model's deploy plan, block by block through each block kind's emitter (e.g. RepVGG's Conv with
   the fused kernel and bias, SE, Relu), then the classifier (``OnnxGraph.classifier``). ``model``/``params`` as for
-  ``export_deploy``; a training-form or mismatched tree raises ValueError. ``int8`` (``quantize.int8_layers``)
+  ``export_deploy``; a training-form or mismatched tree raises ValueError. ``int8`` (``quantization.int8_layers``)
   makes the graph INT8 in QDQ form (``OnnxGraph``).
   """
   import onnx  # pylint: disable=g-import-not-at-top

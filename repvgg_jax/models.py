@@ -457,8 +457,9 @@ def check_variables(model: nn.Module, variables, channels: int) -> None:
 
 def input_channels(model, params: Mapping) -> int:
   """The image channels the params take: the input side of the first deploy layer's kernel."""
-  first = params.get(model.deploy_plan()[0].name) if isinstance(params, Mapping) else None
+  name = model.deploy_plan()[0].name
+  first = params.get(name) if isinstance(params, Mapping) else None
   kernels = [leaf for leaf in jax.tree.leaves(first) if np.ndim(leaf) == 4] if isinstance(first, Mapping) else []
   if not kernels:
-    raise ValueError(f"params hold no kernel under {model.deploy_plan()[0].name!r}: not the params of this model.")
+    raise ValueError(f"params hold no kernel under {name!r}: not the params of this model.")
   return int(np.shape(kernels[0])[2])

@@ -233,8 +233,8 @@ def qat_state(qmodel, params: Mapping, quant_stats: Mapping, optimizer: optax.Gr
 
 def int8_layers(params: Mapping, quant_stats: Mapping) -> dict[str, dict]:
   """Per quantized layer (``quantized_layers``: 'stage0', ..., 'linear'): the input scale (per tensor) and the
-  integer weights with their per-output-channel scales, exactly as the fake-quantized JAX model uses them; and ``POOL``, the global
-  pool's input grid (no weights).
+  integer weights with their per-output-channel scales, exactly as the fake-quantized JAX model uses them; and
+  ``POOL``, the global pool's input grid (no weights).
 
   Returns {layer: {"input_scale": float, "input_zero_point": int, "weight": int8 array of the kernel's shape,
   "weight_scale": (O,)}}.

@@ -135,7 +135,8 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
   wellposed.assert_caught(run(wellposed.mutations(plain)["kh and kw swapped"]), expected, bound=1e-4)
 
   qmodel = quantization.fake_quantized(deploy)
-  stats = quantization.calibrate(qmodel, plain, [wellposed.images((16, 64, 64, 3), s).astype(np.float32) for s in (2, 3)])
+  calibration = [wellposed.images((16, 64, 64, 3), s).astype(np.float32) for s in (2, 3)]
+  stats = quantization.calibrate(qmodel, plain, calibration)
   layers = quantization.int8_layers(plain, stats)
   assert {"stem_conv1", "stages_0_blocks_0/token_mixer", "stages_0_blocks_0/channel_mixer/conv2", "head",
           quantization.POOL} <= set(layers) and not any("/se" in k for k in layers)  # SE stays float.
