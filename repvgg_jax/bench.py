@@ -30,7 +30,7 @@ import functools
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,7 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_jax as rv
-from repvgg_jax import cli, resnet
-from repvgg_jax.families import get_variant
+from repvgg_jax import cli, families, resnet
 from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names, and the baselines ResNet-18/34/50/101/152.")
@@ -59,18 +58,20 @@ flags.DEFINE_list("memory_batches", [], "Also print XLA's peak activation memory
                   "batch sizes (the paper's Figure 3), compiled only.")
 FLAGS = flags.FLAGS
 
-# ImageNet top-1 (%) from the paper (Tables 4 and 5) and the official repository's README.
-PAPER_TOP1 = {"RepVGG-A0": 72.41, "RepVGG-A1": 74.46, "RepVGG-A2": 76.48, "RepVGG-B0": 75.14, "RepVGG-B1": 78.37,
-              "RepVGG-B1g2": 77.78, "RepVGG-B1g4": 77.58, "RepVGG-B2": 78.78, "RepVGG-B2g4": 79.38,
-              "RepVGG-B3": 80.52, "RepVGG-B3g4": 80.21, "MobileOne-S0": 71.4, "MobileOne-S1": 75.9,
-              "MobileOne-S2": 77.4, "MobileOne-S3": 78.1, "MobileOne-S4": 79.4}
-TIMM_NAMES = {"RepVGG-A0": "repvgg_a0", "RepVGG-A1": "repvgg_a1", "RepVGG-A2": "repvgg_a2", "RepVGG-B0": "repvgg_b0",
-              "RepVGG-B1": "repvgg_b1", "RepVGG-B1g4": "repvgg_b1g4", "RepVGG-B2": "repvgg_b2",
-              "RepVGG-B2g4": "repvgg_b2g4", "RepVGG-B3": "repvgg_b3", "RepVGG-B3g4": "repvgg_b3g4",
-              "RepVGG-D2se": "repvgg_d2se", **{f"MobileOne-S{i}": f"mobileone_s{i}" for i in range(5)},
-              **{name: timm_name for name, (_, _, timm_name) in resnet.RESNETS.items()}}
-PAPER_TOP1.update({"ResNet-18": 71.16, "ResNet-34": 74.17, "ResNet-50": 76.31, "ResNet-101": 77.21,
-                   "ResNet-152": 77.78})
+# The baselines' ImageNet top-1 (%) as the RepVGG paper reports them (Table 4); the families' own are in the registry.
+RESNET_TOP1 = {"ResNet-18": 71.16, "ResNet-34": 74.17, "ResNet-50": 76.31, "ResNet-101": 77.21, "ResNet-152": 77.78}
+
+
+def timm_name(name: str) -> Optional[str]:
+  """timm's model name of a variant or a ResNet baseline; None where timm has none."""
+  return resnet.RESNETS[name][2] if name in resnet.RESNETS else families.timm_name(name)
+
+
+def top1(name: str) -> Optional[float]:
+  """The published ImageNet top-1 (%) of a variant or a baseline; None where unknown."""
+  return RESNET_TOP1[name] if name in resnet.RESNETS else families.top1(name)
+
+
 # The paper's Table 4: (RepVGG, the ResNet of similar accuracy), and its speed (examples/s, 1080Ti, batch 128, fp32,
 # PyTorch). The four pairs the abstract and the project's issue quote are A0/R18, A1/R34, A2/R50, B1g4/R101;
 # the other speeds are Table 4's rows as transcribed here.
@@ -164,7 +165,7 @@ def _torch_setup(name: str, batch: int, size: int, dtype_name: str):
 
   def create(train: bool):
     torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[name], pretrained=False)
+    model = timm.create_model(timm_name(name), pretrained=False)
     return model.to(device, memory_format=layout).train(train)
 
   return torch, device, timed, create, x
@@ -172,7 +173,7 @@ def _torch_setup(name: str, batch: int, size: int, dtype_name: str):
 
 def _torch_calls(name: str, batch: int, size: int, dtype_name: str, compile_deploy: bool) -> dict:
   """timm's training form (eval mode) and re-parameterized form, optionally compiled, as timed calls."""
-  if name not in TIMM_NAMES:
+  if timm_name(name) is None:
     return {}
   from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
   torch, _, timed, create, x = _torch_setup(name, batch, size, dtype_name)
@@ -196,7 +197,7 @@ def _onnx_calls(name: str, deploy, plain, x, with_timm: bool) -> dict:
   threads = os.cpu_count() or 1
   images = {"images": np.asarray(x).transpose(0, 3, 1, 2)}
   calls = {}
-  if with_timm and name in TIMM_NAMES:
+  if with_timm and timm_name(name):
     import torch  # pylint: disable=g-import-not-at-top
     from timm.utils.model import reparameterize_model  # pylint: disable=g-import-not-at-top
     _, _, _, create, _ = _torch_setup(name, 1, x.shape[1], "float32")
@@ -259,7 +260,7 @@ def bench_one(name: str, batch: int, size: int, dtype_name: str, repeats: int, e
     row[key] = _summary(seconds, batch)
   if train_step and name not in resnet.RESNETS:
     steps = {"jax step": _train_step_call(model, variables, x)}
-    if "torch" in engines and name in TIMM_NAMES:
+    if "torch" in engines and timm_name(name):
       steps["torch step"] = _torch_train_step_call(name, batch, size, dtype_name)
     for key, seconds in time_calls(steps, max(2, repeats // 3)).items():
       row[key] = _summary(seconds, batch)
@@ -376,7 +377,7 @@ def bench_pair(ours: str, theirs: str, batch: int, size: int, dtype_name: str, r
   calls, memory, gflop = {}, {}, {}
   for role, name in (("RepVGG", ours), ("ResNet", theirs)):
     calls[role], memory[role], gflop[role] = _inference_call(name, batch, size, dtype_name)
-    if "torch" in engines and name in TIMM_NAMES:  # timm has no B1g2 (nor B2g2, B3g2).
+    if "torch" in engines and timm_name(name):  # timm has no B1g2 (nor B2g2, B3g2).
       calls[f"timm {role}"] = _torch_calls(name, batch, size, dtype_name, False)["torch deploy"]
   times = time_calls(calls, repeats)
   return {"pair": (ours, theirs), "batch": batch, "dtype": dtype_name, "memory_mb": memory, "gflop": gflop,
@@ -464,10 +465,10 @@ def plot(points: dict[str, dict[str, float]], batch: int, path: str) -> None:
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for (label, speeds), marker in zip(points.items(), "os^"):
-    names = [m for m in speeds if m in PAPER_TOP1]
-    ax.scatter([speeds[m] for m in names], [PAPER_TOP1[m] for m in names], marker=marker, label=label)
+    names = [m for m in speeds if top1(m) is not None]
+    ax.scatter([speeds[m] for m in names], [top1(m) for m in names], marker=marker, label=label)
     for m in names:
-      ax.annotate(m.replace("RepVGG-", "").replace("ResNet-", "R"), (speeds[m], PAPER_TOP1[m]), fontsize=8,
+      ax.annotate(m.replace("RepVGG-", "").replace("ResNet-", "R"), (speeds[m], top1(m)), fontsize=8,
                   xytext=(4, 2), textcoords="offset points")
   ax.set_xlabel(f"measured images/s ({jax.devices()[0].platform}, batch {batch}, float32)")
   ax.set_ylabel("ImageNet top-1 (%, paper)")
@@ -529,7 +530,7 @@ def main(argv):
   for name in FLAGS.models:
     try:
       if name not in resnet.RESNETS:
-        get_variant(name)
+        families.family_of(name)
     except ValueError as e:
       raise cli.UserError(f"--models: {e} (or a baseline: {', '.join(resnet.RESNETS)})") from e
   if not all(b.isdigit() and int(b) > 0 for b in FLAGS.memory_batches):

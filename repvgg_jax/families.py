@@ -5,8 +5,6 @@ weights). Nothing else in the shared code names a family.
 """
 
 import difflib
-import functools
-import re
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -14,54 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import models, plan, reparam, repvit, torch_weights, variants
+from repvgg_jax import mobileone, plan, qarepvgg, repvgg, repvggplus, repvit
 
-
-def _plain_stack(kind: str, variant_type: type, owns, quantization_friendly: bool = False) -> plan.Family:
-  """A family of RepVGG-style stacks (one re-parameterizable block kind per family, one fused convolution each):
-  the shared network, fusion and PyTorch machinery, with the family's variants and key names (``kind``)."""
-  return plan.Family(kind, models.PlainStackNetwork, variants.of_kind(variant_type, quantization_friendly),
-                     models.create_plain_stack, reparam.fuse_plain_stack, owns,
-                     functools.partial(torch_weights.load_plain_stack_state_dict, kind=kind),
-                     functools.partial(torch_weights.plain_stack_state_dict, kind=kind), _official_decay)
-
-
-def _official_decay(path: tuple[str, ...], _) -> bool:
-  """RepVGG's official train.py: every kernel and the identity branch's BN scale; not biases, nor the BN scales
-  of the conv branches (``.../bn/scale``)."""
-  return path[-1] != "bias" and not (path[-1] == "scale" and "bn" in path)
-
-
-def _is_repvggplus(params: Mapping) -> bool:
-  return "stage0" in params and any(block.startswith("stage3_first") for block in params)
-
-
-def _is_qarepvgg(params: Mapping) -> bool:
-  """A training-form block with a BN of its own, after the branch sum (``stageN_i/bn``)."""
-  return "stage0" in params and any(isinstance(block, Mapping) and "bn" in block for block in params.values())
-
-
-_MOBILEONE_BRANCH = re.compile(r"rbr_conv_\d+|rbr_scale|rbr_skip")
-
-
-def _is_mobileone(params: Mapping) -> bool:
-  """MobileOne's branch names, or (deploy) a fused 1x1 kernel, which RepVGG never has."""
-  blocks = [block for block in params.values() if isinstance(block, Mapping)]
-  return "stage0" in params and (any(_MOBILEONE_BRANCH.fullmatch(key) for block in blocks for key in block) or any(
-      np.shape(block["rbr_reparam"]["kernel"])[0] == 1 for block in blocks if "rbr_reparam" in block))
-
-
-def _is_repvgg(params: Mapping) -> bool:
-  return "stage0" in params and not (_is_repvggplus(params) or _is_qarepvgg(params) or _is_mobileone(params))
-
-
-FAMILIES: tuple[plan.Family, ...] = (
-    _plain_stack("repvgg", variants.Variant, _is_repvgg),
-    _plain_stack("mobileone", variants.MobileOneVariant, _is_mobileone),
-    _plain_stack("repvggplus", variants.RepVGGplusVariant, _is_repvggplus),
-    _plain_stack("qarepvgg", variants.Variant, _is_qarepvgg, quantization_friendly=True),
-    repvit.FAMILY,
-)
+FAMILIES: tuple[plan.Family, ...] = (repvgg.FAMILY, mobileone.FAMILY, repvggplus.FAMILY, qarepvgg.FAMILY,
+                                     repvit.FAMILY)
 
 
 def list_models() -> list[str]:
@@ -84,6 +38,21 @@ def family_of(name: str) -> plan.Family:
 def get_variant(name: str) -> Any:
   """The variant record of an official model name (ValueError as ``family_of``)."""
   return family_of(name).variants[name]
+
+
+def fuse_rules() -> tuple[plan.FuseRule, ...]:
+  """Every family's block kinds' fuse rules, family by family."""
+  return tuple(rule for family in FAMILIES for rule in family.fuse_rules)
+
+
+def timm_name(name: str) -> Optional[str]:
+  """timm's model name of an official variant, or None where timm has none."""
+  return family_of(name).timm_names.get(name)
+
+
+def top1(name: str) -> Optional[float]:
+  """The published ImageNet top-1 (%) of an official variant, or None where the registry has none."""
+  return family_of(name).top1.get(name)
 
 
 def of_params(params: Mapping) -> plan.Family:
@@ -109,7 +78,7 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
   backbone returning the stage outputs ``out_indices`` (None = every stage: RepVGG's five from the stem at
   stride 2 to stride 32, RepViT's four from stride 4) instead of logits; it takes the full model's variables (the
   head is ignored), and ``model.feature_info()`` gives their channels and strides. ``overrides`` replace fields
-  of the variant or the network (per family: ``models.create_plain_stack``, ``repvit.create``), e.g.
+  of the variant or the network (each family's ``create``: ``repvgg.create``, ``repvit.create``, ...), e.g.
   ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``; an unknown one is a ValueError listing those allowed.
   """
   family = family_of(name)

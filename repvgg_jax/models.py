@@ -1,13 +1,15 @@
-"""RepVGG and MobileOne in Flax: the multi-branch training-time blocks, the networks, and their plain deploy form.
+"""The pieces every family's network is built of: the convolution, the BatchNorm partial, conv+BN, SE, the
+multi-branch block body, the plain deploy block (one convolution with a bias, SE, ReLU) with its ONNX emitter,
+and the two networks the families specialise: ``Network`` (what every network has) and ``PlainStackNetwork`` (a
+stack of re-parameterizable blocks driven by a list of ``BlockSpec``, a pool and a dense head).
 
-Layout is NHWC; kernels are HWIO. Parameter names follow the official PyTorch code (RepVGG: ``rbr_dense``,
-``rbr_1x1``, ``rbr_identity``; MobileOne, apple/ml-mobileone: ``rbr_conv.i``, ``rbr_scale``, ``rbr_skip``;
-both: ``se.down``/``se.up``, ``linear``) so that weights map one to one. Both deploy forms are a stack of
-one convolution with a bias per block (``rbr_reparam``), SE where the variant has it, and ReLU.
+Layout is NHWC; kernels are HWIO. The families' own blocks, variants and key names live in their modules
+(``repvgg``, ``qarepvgg``, ``mobileone``, ``repvggplus``, ``repvit``).
 """
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -15,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import variants
 from repvgg_jax.backend import add_bias, conv2d, global_average_pool
 from repvgg_jax.plan import BlockKind, Layer
 
@@ -51,7 +52,7 @@ def batch_norm(momentum: float = BN_MOMENTUM, epsilon: float = BN_EPSILON, axis_
   return functools.partial(nn.BatchNorm, momentum=momentum, epsilon=epsilon, axis_name=axis_name, dtype=dtype)
 
 
-def _batch_norm(module: nn.Module, train: bool, name: str) -> Callable[[jax.Array], jax.Array]:
+def norm_of(module: nn.Module, train: bool, name: str) -> Callable[[jax.Array], jax.Array]:
   """``module.norm`` named ``name``, in the mode of ``train``; created inside the module's compact call."""
   return functools.partial(module.norm(name=name), use_running_average=not train)
 
@@ -69,7 +70,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = Conv(self.features, self.kernel_size, self.strides, self.groups, dtype=self.dtype, name="conv")(x)
-    return _batch_norm(self, train, "bn")(x)
+    return norm_of(self, train, "bn")(x)
 
 
 class SEBlock(nn.Module):
@@ -87,9 +88,9 @@ class SEBlock(nn.Module):
     return x * s[:, None, None, :]
 
 
-def _branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size: int, small_name: str,
+def branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size: int, small_name: str,
                       identity_name: str):
-  """A training-time block's body, both families: the k x k conv+BN branches ``conv_names``, a 1x1 conv+BN
+  """A RepVGG-style training-time block's body: the k x k conv+BN branches ``conv_names``, a 1x1 conv+BN
   branch where k > 1, an identity BN where in == out channels and stride 1, summed; then SE, ReLU.
   Called inside ``block``'s compact ``__call__`` (its fields: features, strides, groups, use_se, norm)."""
   branch = functools.partial(ConvBN, block.features, strides=block.strides, groups=block.groups, norm=block.norm,
@@ -98,87 +99,15 @@ def _branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size:
   if kernel_size > 1:
     y = y + branch(kernel_size=1, name=small_name)(x, train)
   if x.shape[-1] == block.features and block.strides == 1:
-    y = y + _batch_norm(block, train, identity_name)(x)
+    y = y + norm_of(block, train, identity_name)(x)
   if block.use_se:
     y = SEBlock(dtype=block.dtype, name="se")(y)
   return nn.relu(y)
 
 
-def _post_se(block: nn.Module, y):
+def post_se(block: nn.Module, y):
   """RepVGGplus's SE after the ReLU (``post_se``, C -> C/4 -> C) where ``block.post_se``; else ``y``."""
   return SEBlock(reduction=4, dtype=block.dtype, name="post_se")(y) if block.post_se else y
-
-
-class RepVGGBlock(nn.Module):
-  """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))), RepVGGplus's post SE after it.
-
-  The identity branch exists only where input and output channels match and the stride is 1; the 1x1
-  branch has padding 0 and the 3x3 branch's stride and groups. (N, H, W, Cin) -> (N, H/s, W/s, features).
-  """
-
-  features: int
-  strides: int = 1
-  groups: int = 1
-  use_se: bool = False
-  norm: Callable[..., nn.Module] = batch_norm()
-  dtype: Any = jnp.float32
-  post_se: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    y = _branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
-    return _post_se(self, y)
-
-
-class QARepVGGBlock(nn.Module):
-  """QARepVGG's training-time block (Chu et al., "Make RepVGG Greater Again", cxxgtxy/QARepVGG
-  ``QARepVGGBlockV2``): ReLU(BN(BN3(conv3x3(x)) + conv1x1(x) + x)).
-
-  The 1x1 conv has neither BN nor bias and the identity no BN, so no branch carries its own affine map into
-  the sum, and the one BN after the sum (``bn``) folds into the fused kernel too. The identity exists where
-  input and output channels match and the stride is 1; its gain (ones, shape (features,)) is kept with the
-  BN statistics so that ``reparam`` knows the block has one. No SE: the official D2se-style placement
-  (``bn(se(sum))``) has no exact deploy form. (N, H, W, Cin) -> (N, H/s, W/s, features).
-  """
-
-  features: int
-  strides: int = 1
-  groups: int = 1
-  norm: Callable[..., nn.Module] = batch_norm()
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    y = ConvBN(self.features, 3, self.strides, self.groups, norm=self.norm, dtype=self.dtype, name="rbr_dense")(x,
-                                                                                                           train)
-    y = y + Conv(self.features, 1, self.strides, self.groups, dtype=self.dtype, name="rbr_1x1")(x)
-    if x.shape[-1] == self.features and self.strides == 1:
-      gain = self.variable("batch_stats", "rbr_identity", jnp.ones, (self.features,), jnp.float32)
-      y = y + x * gain.value.astype(y.dtype)
-    return nn.relu(_batch_norm(self, train, "bn")(y))
-
-
-class MobileOneBlock(nn.Module):
-  """MobileOne's training-time block: ReLU(SE(sum_i BN(convkxk_i(x)) + BN(conv1x1(x)) + BN(x))).
-
-  ``num_conv_branches`` kxk conv+BN branches (``rbr_conv_i``); the 1x1 "scale" branch only where k > 1;
-  the identity BN (``rbr_skip``) only where input and output channels match and the stride is 1. All
-  branches share the stride and groups (``groups`` = channels for the depthwise blocks).
-  """
-
-  features: int
-  kernel_size: int = 3
-  strides: int = 1
-  groups: int = 1
-  num_conv_branches: int = 1
-  use_se: bool = False
-  norm: Callable[..., nn.Module] = batch_norm()
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    convs = [f"rbr_conv_{i}" for i in range(self.num_conv_branches)]
-    return _branches_se_relu(self, x, train, convs, self.kernel_size, "rbr_scale", "rbr_skip")
 
 
 class PlainBlock(nn.Module):
@@ -200,7 +129,7 @@ class PlainBlock(nn.Module):
              name="rbr_reparam")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
-    return _post_se(self, nn.relu(y))
+    return post_se(self, nn.relu(y))
 
 
 def emit_plain_block(graph, x: str, path: str, *, features: int, strides: int, groups: int, use_se: bool,
@@ -216,23 +145,6 @@ def emit_plain_block(graph, x: str, path: str, *, features: int, strides: int, g
 
 
 PLAIN = BlockKind(PlainBlock, emit_plain_block)
-
-
-AUX_SUFFIX = "_aux"  # RepVGGplus's auxiliary heads: training form only, dropped by reparam.
-
-
-class AuxiliaryHead(nn.Module):
-  """RepVGGplus's deep supervision after a stage: ReLU(BN(conv3x3 stride 2)) at the stage's width (``downsample``),
-  global average pool, a dense layer (``fc``). (N, H, W, C) -> (N, num_classes)."""
-
-  num_classes: int
-  norm: Callable[..., nn.Module] = batch_norm()
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    y = ConvBN(x.shape[-1], 3, 2, 1, norm=self.norm, dtype=self.dtype, name="downsample")(x, train)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(global_average_pool(nn.relu(y)))
 
 
 def check_images(x) -> None:
@@ -263,8 +175,32 @@ class Network(nn.Module):
     return batch_norm(self.bn_momentum, self.bn_epsilon, self.bn_axis_name, self.dtype)
 
   def aux_heads(self) -> dict[str, str]:
-    """Block name -> the auxiliary head after it (training form only); none but in RepVGGplus."""
+    """Block name -> the name of the auxiliary head after it (training form only, deep supervision); none by
+    default."""
     return {}
+
+  def aux_head(self, name: str) -> nn.Module:
+    """The auxiliary head ``name`` (one of ``aux_heads()``), (N, H, W, C) -> (N, num_classes)."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """One block of a plain stack: its parameter-tree name, output channels, stride, groups, kernel size, number of
+  kxk conv branches and whether it has SE (before or after its ReLU)."""
+  name: str
+  features: int
+  strides: int
+  groups: int
+  kernel_size: int = 3
+  num_conv_branches: int = 1
+  use_se: bool = False
+  post_se: bool = False  # SE (C -> C/4 -> C) after the ReLU.
+
+  @property
+  def stage(self) -> int:
+    """0 for the stem, 1..4 for the stages: the digit after 'stage' in the name."""
+    return int(self.name[len("stage")])
 
 
 class PlainStackNetwork(Network):
@@ -279,7 +215,7 @@ class PlainStackNetwork(Network):
   head = "linear"  # The classifier's parameter subtree.
   quantized_modules = r"(.+)/rbr_reparam|(linear)"  # INT8 layers (``plan.layer_key``): each block's conv, the head.
 
-  def plan(self) -> list[variants.BlockSpec]:
+  def plan(self) -> list[BlockSpec]:
     raise NotImplementedError
 
   def deploy_plan(self) -> list[Layer]:
@@ -288,7 +224,7 @@ class PlainStackNetwork(Network):
         features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
         kernel_size=spec.kernel_size, post_se=spec.post_se)) for spec in self.plan()]
 
-  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
+  def training_block(self, spec: BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
     raise NotImplementedError
 
   def feature_info(self) -> list[dict]:
@@ -318,85 +254,12 @@ class PlainStackNetwork(Network):
       x = block(x, train)
       stage_outputs[spec.stage] = x  # The last block of each stage writes last.
       if spec.name in aux_after and (return_aux or self.is_initializing()):  # Created at init, run when asked.
-        head = AuxiliaryHead(self.num_classes, norm=self.norm(), dtype=self.dtype,
-                             name=aux_after[spec.name])
-        aux[aux_after[spec.name]] = head(x, train).astype(out_dtype)
+        aux[aux_after[spec.name]] = self.aux_head(aux_after[spec.name])(x, train).astype(out_dtype)
     if self.features_only:
       return [stage_outputs[i].astype(out_dtype) for i in self.out_indices]
     x = global_average_pool(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
     return (x.astype(out_dtype), aux) if return_aux else x.astype(out_dtype)
-
-
-class RepVGG(PlainStackNetwork):
-  """RepVGG: stage0..stage4 of RepVGG blocks (QARepVGG blocks where ``quantization_friendly``), global average
-  pool, a dense head."""
-
-  num_blocks: Sequence[int] = dataclasses.field(kw_only=True)
-  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
-  groups: int = 1
-  use_se: bool = False
-  quantization_friendly: bool = False
-
-  def plan(self) -> list[variants.BlockSpec]:
-    return variants.block_plan(self.num_blocks, self.width_multiplier, self.groups, self.use_se)
-
-  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
-    if self.quantization_friendly:
-      if spec.use_se:
-        raise ValueError("QARepVGG blocks have no SE: its official placement (BN after SE) cannot be fused exactly.")
-      return QARepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, norm=norm,
-                           dtype=self.dtype, name=spec.name)
-    return RepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se, norm=norm,
-                       dtype=self.dtype, name=spec.name)
-
-
-class MobileOne(PlainStackNetwork):
-  """MobileOne: a stem block, then per stage pairs of depthwise 3x3 and pointwise 1x1 MobileOne blocks,
-  global average pool, a dense head."""
-
-  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
-  num_conv_branches: int = 1
-  se_blocks: Sequence[int] = (0, 0, 0, 0)
-  num_blocks: Sequence[int] = (2, 8, 10, 1)
-
-  def plan(self) -> list[variants.BlockSpec]:
-    return variants.mobileone_block_plan(self.num_blocks, self.width_multiplier, self.num_conv_branches,
-                                         self.se_blocks)
-
-  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
-    return MobileOneBlock(features=spec.features, kernel_size=spec.kernel_size, strides=spec.strides,
-                          groups=spec.groups, num_conv_branches=spec.num_conv_branches, use_se=spec.use_se,
-                          norm=norm, dtype=self.dtype, name=spec.name)
-
-
-class RepVGGplus(PlainStackNetwork):
-  """RepVGGplus: RepVGG blocks with post SE in stage0, stage1, stage2, stage3_first, stage3_second, stage4, global
-  average pool, a dense head; the training form adds auxiliary heads after stage1, stage2 and stage3_first
-  (``return_aux=True`` returns their logits too)."""
-
-  num_blocks: Sequence[int] = dataclasses.field(kw_only=True)
-  width_multiplier: Sequence[float] = dataclasses.field(kw_only=True)
-  use_post_se: bool = True
-
-  def plan(self) -> list[variants.BlockSpec]:
-    return variants.repvggplus_block_plan(self.num_blocks, self.width_multiplier, self.use_post_se)
-
-  def training_block(self, spec: variants.BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
-    return RepVGGBlock(features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
-                       norm=norm, dtype=self.dtype, post_se=spec.post_se, name=spec.name)
-
-  def aux_heads(self) -> dict[str, str]:
-    last = {spec.name.rsplit("_", 1)[0]: spec.name for spec in self.plan()}
-    return {last[stage]: stage + AUX_SUFFIX for stage in ("stage1", "stage2", "stage3_first")}
-
-
-_NETWORKS = {variants.Variant: RepVGG, variants.MobileOneVariant: MobileOne, variants.RepVGGplusVariant: RepVGGplus}
-
-
-def _overridable(network) -> tuple[str, ...]:
-  return tuple(f.name for f in dataclasses.fields(network)
-               if f.name not in ("num_classes", "deploy", "dtype", "features_only", "out_indices", "parent", "name"))
 
 
 def given_overrides(overrides: Mapping[str, Any]) -> dict:
@@ -405,35 +268,58 @@ def given_overrides(overrides: Mapping[str, Any]) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
 
 
-def create_plain_stack(name: str, variant, *, num_classes: int, deploy: bool, dtype: Any, features_only: bool,
-                       out_indices: Sequence[int] = (0, 1, 2, 3, 4), **overrides) -> RepVGG | MobileOne | RepVGGplus:
-  """The network of a RepVGG, QARepVGG, MobileOne or RepVGGplus variant (``families.create_model`` documents the
-  arguments).
+def overridable(network: type) -> tuple[str, ...]:
+  """The fields of a network class that ``create_model``'s overrides may set."""
+  return tuple(f.name for f in dataclasses.fields(network)
+               if f.name not in ("num_classes", "deploy", "dtype", "features_only", "out_indices", "parent", "name"))
 
-  ``overrides`` replace fields of the variant or of the network: RepVGG and QARepVGG ``num_blocks``,
-  ``width_multiplier`` (a, a, a, b), ``groups``, ``use_se`` (RepVGG only); MobileOne ``num_blocks``,
-  ``width_multiplier`` (per stage), ``num_conv_branches``, ``se_blocks``; RepVGGplus ``num_blocks``,
-  ``width_multiplier``, ``use_post_se``; all ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``. ``out_indices``:
-  0 = the stem (stride 2) .. 4 = stride 32.
-  """
-  network = _NETWORKS[type(variant)]
-  allowed = _overridable(network)
+
+def create_network(network: type, name: str, fields: Mapping[str, Any], overrides: Mapping[str, Any],
+                   **settings) -> Network:
+  """``network(**settings, **fields)`` with the user's ``overrides`` replacing ``fields`` (a variant's); an override
+  that is not a field of ``network`` is a ValueError listing those allowed (``name``: the model, for the
+  message)."""
+  allowed = overridable(network)
   unknown = sorted(set(overrides) - set(allowed))
   if unknown:
     raise ValueError(f"Unknown override(s) {unknown} for {name}; allowed: {', '.join(allowed)}.")
+  return network(**settings, **{**fields, **overrides})
+
+
+def create_plain_stack(network: type, name: str, variant, *, num_classes: int, deploy: bool, dtype: Any,
+                       features_only: bool, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+                       **overrides) -> PlainStackNetwork:
+  """The ``network`` (a ``PlainStackNetwork``) of a variant whose record holds its fields, ``num_blocks`` and
+  ``width_multiplier`` among them (``families.create_model`` documents the arguments; ``out_indices``: 0 = the
+  stem (stride 2) .. 4 = stride 32). The plan is built once here, so that a layout the overrides make impossible
+  fails at creation, not inside init."""
   fields = dataclasses.asdict(variant)
-  fields.update(overrides)
   for key in ("num_blocks", "width_multiplier"):
-    fields[key] = tuple(fields[key])
-    if len(fields[key]) != 4:
-      raise ValueError(f"{key} must have 4 entries (stage1..stage4); got {fields[key]}.")
+    if key in overrides:
+      overrides = {**overrides, key: tuple(overrides[key])}
+    if len(overrides.get(key, fields[key])) != 4:
+      raise ValueError(f"{key} must have 4 entries (stage1..stage4); got {overrides.get(key, fields[key])}.")
   out_indices = tuple(out_indices)
   if not out_indices or not set(out_indices) <= set(range(5)) or len(set(out_indices)) != len(out_indices):
     raise ValueError(f"out_indices must be distinct stages among 0..4 (0 = the stem); got {out_indices}.")
-  model = network(num_classes=num_classes, deploy=deploy, dtype=dtype, features_only=features_only,
-                  out_indices=out_indices, **fields)
-  model.plan()  # A layout the overrides make impossible (groups, stage3 halves) fails here, not inside init.
+  model = create_network(network, name, fields, overrides, num_classes=num_classes, deploy=deploy, dtype=dtype,
+                         features_only=features_only, out_indices=out_indices)
+  model.plan()
   return model
+
+
+def is_plain_stack(params: Mapping, blocks: str, fuse_rule, deploy_sizes: Callable[[set], bool],
+                   others: str = "linear") -> bool:
+  """Whether ``params`` is a plain stack of one family: every top-level entry is a block (its name matches the
+  regex ``blocks``) or one of ``others`` (a regex: the head, training-only heads), and the blocks are either all
+  training-form blocks that ``fuse_rule`` (a ``plan.FuseRule``) claims, or all plain blocks whose set of kernel
+  sizes passes ``deploy_sizes``."""
+  layers = [block for name, block in params.items() if re.fullmatch(blocks, name)]
+  if not layers or not all(re.fullmatch(blocks, name) or re.fullmatch(others, name) for name in params):
+    return False
+  if all(isinstance(b, Mapping) and "rbr_reparam" in b for b in layers):
+    return deploy_sizes({int(np.shape(b["rbr_reparam"]["kernel"])[0]) for b in layers})
+  return all(isinstance(b, Mapping) and fuse_rule.claims(b) for b in layers)
 
 
 def check_variables(model: nn.Module, variables, channels: int) -> None:

@@ -44,26 +44,40 @@ def layer_key(quantized_modules: str, path: str) -> Optional[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FuseRule:
+  """How one kind of training-time block becomes its deploy block: ``claims(params)`` tells whether a block's
+  params tree is of this kind, ``fuse(params, batch_stats, eps, path)`` gives its deploy params (composed of
+  ``reparam``'s pure functions; ``path`` names the block in errors)."""
+
+  claims: Callable[[Mapping], bool]
+  fuse: Callable[..., dict]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Family:
-  """A model family as the registry (``families``) lists it.
+  """A model family as the registry (``families``) lists it, built by keyword in the family's module.
 
   ``name``: the registry's name of the family ("repvgg", "mobileone", ...). ``network``: the class (or base class)
   of its networks, whose ``deploy_plan()``, ``head`` and ``quantized_modules`` the shared code reads.
   ``variants``: official name -> variant record. ``create(name, variant, **kwargs)``: the network (kwargs:
   num_classes, deploy, dtype, features_only, out_indices and the user's overrides; a bad override is a
-  ValueError). ``reparam(params, batch_stats, eps)``: the training form's variables -> the deploy form's params.
-  ``owns(params)``: whether a params tree of either form is one of this family's. ``load_state_dict(state_dict,
-  name, num_classes, deploy, **overrides)`` and ``save_state_dict(variables, naming)``: its PyTorch weights,
-  strictly, in and out. ``decays(path, leaf)``: whether its recipe puts weight decay on a parameter (path: the
-  leaf's names).
+  ValueError). ``overridable``: the overrides it accepts. ``fuse_rules``: its training-time block kinds' fuse
+  rules. ``reparam(params, batch_stats, eps)``: the training form's variables -> the deploy form's params.
+  ``owns(params)``: whether a params tree of either form is one of this family's. ``namings``: its PyTorch key
+  namings ("official", "timm"; ``torch_weights.Naming``), both forms, in and out. ``decays(path, leaf)``: whether
+  its recipe puts weight decay on a parameter (path: the leaf's names). ``timm_names``: official name -> timm's
+  model name, where timm has the variant; ``top1``: the published ImageNet top-1 (%), where known.
   """
 
   name: str
   network: type
   variants: Mapping[str, Any]
   create: Callable[..., Any]
+  overridable: tuple[str, ...]
+  fuse_rules: tuple[FuseRule, ...]
   reparam: Callable[..., dict]
   owns: Callable[[Mapping], bool]
-  load_state_dict: Callable[..., dict]
-  save_state_dict: Callable[..., dict]
+  namings: Mapping[str, Any]
   decays: Callable[[tuple[str, ...], Any], bool]
+  timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  top1: Mapping[str, float] = dataclasses.field(default_factory=dict)

@@ -1,38 +1,30 @@
-"""Structural re-parameterization as pure functions on arrays and PyTrees, for RepVGG, QARepVGG and MobileOne
-blocks.
+"""Structural re-parameterization as pure functions on arrays and PyTrees.
 
-Each branch of a training-time block is linear up to its BatchNorm, and in eval mode a BatchNorm is an
-affine map per channel, so the branches fold into one k x k convolution with a bias:
+In eval mode a BatchNorm is an affine map per channel, so a conv+BN is one convolution with a bias (``fuse_bn``),
+and the linear branches of a training-time block that are summed fold into one k x k kernel:
 
     W = sum_i fuse(K_i, bn_i) + fuse(pad(K1), bn1) + fuse(I, bn_id),   b = sum_i b_i + b1 + b_id,
 
-with the k x k conv branches K_i (RepVGG: one, ``rbr_dense``; MobileOne: ``rbr_conv_i``), the 1x1 branch
-padded to the centre (``rbr_1x1`` / ``rbr_scale``) and the identity (``rbr_identity`` / ``rbr_skip``), for
-any groups, depthwise included. A QARepVGG block sums BN3(conv3x3), a bare 1x1 conv and the bare identity,
-then applies one BN: the sum's kernel K3 t3 + pad(K1) + I and bias b3 fold with that BN (``fuse_bn_after_sum``).
-Kernels are Flax HWIO arrays. Nothing here mutates its input or keeps
-state; ``jax.jit(reparam)`` works.
+with the 1x1 kernels padded to the centre (``pad_to_center``) and the identity as a kernel (``identity_kernel``),
+for any groups, depthwise included (``fuse_branches``); a BN after such a sum folds into it too
+(``fuse_bn_after_sum``). Kernels are Flax HWIO arrays.
+
+Which branches a block has, and under which names, is its family's knowledge: each family's block kinds carry a
+fuse rule (``plan.FuseRule``) composed of the functions here, and ``fuse_layers`` walks a tree layer by layer,
+fusing each layer by the rule that claims it. Nothing here mutates its input or keeps state; ``jax.jit(reparam)``
+works.
 """
 
 import re
-
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
-from repvgg_jax.models import AUX_SUFFIX, BN_EPSILON
+from repvgg_jax import plan
+from repvgg_jax.models import BN_EPSILON
 
-CONV_BRANCH = re.compile(r"rbr_dense|rbr_conv_\d+")  # k x k conv + BN.
-SMALL_BRANCHES = ("rbr_1x1", "rbr_scale")  # 1x1 conv + BN, padded to the centre of the k x k kernel.
-IDENTITY_BRANCHES = ("rbr_identity", "rbr_skip")  # BN alone.
-
-
-KEPT = ("se", "post_se")  # SE blocks have no BatchNorm to fold: the plain block keeps them.
-
-
-def _is_block_key(key: str) -> bool:
-  return bool(CONV_BRANCH.fullmatch(key)) or key in SMALL_BRANCHES + IDENTITY_BRANCHES + KEPT
+BatchNorm = tuple[Any, Any, Any, Any]  # scale, bias, mean, var: (C,) each.
 
 
 def fuse_bn(kernel, scale, bias, mean, var, eps: float = BN_EPSILON):
@@ -88,151 +80,140 @@ def _join(path: tuple[str, ...]) -> str:
   return "/".join(path) or "<root>"
 
 
-def _child(tree, key: str, path: tuple[str, ...], what: str):
+def child(tree, key: str, path: tuple[str, ...], what: str = "params"):
+  """``tree[key]``, or a ValueError naming ``path/key`` as missing from ``what`` (params or batch_stats)."""
   if not isinstance(tree, Mapping) or key not in tree:
     raise ValueError(f"{what} is missing {_join(path + (key,))!r}.")
   return tree[key]
 
 
-def _bn_branch(params, stats, path, has_conv: bool):
-  """Validated (kernel or None, scale, bias, mean, var) of one branch of a block."""
-  bn_params = _child(params, "bn", path, "params") if has_conv else params
-  bn_path = path + ("bn",) if has_conv else path
+def _check_channels(bn: BatchNorm, channels: int, path: tuple[str, ...]) -> None:
+  for name, leaf in zip(("scale", "bias", "mean", "var"), bn):
+    if jnp.shape(leaf) != (channels,):
+      raise ValueError(f"{_join(path + (name,))!r} has shape {jnp.shape(leaf)}; expected ({channels},) "
+                       "to match the branch's output channels.")
+
+
+def batch_norm(params: Mapping, stats: Optional[Mapping], path: tuple[str, ...]) -> BatchNorm:
+  """A BatchNorm's validated (scale, bias, mean, var), from its params {scale, bias} and batch_stats {mean, var}
+  at ``path``."""
   if stats is None:
     raise ValueError(f"batch_stats is missing {_join(path)!r}: params without their batch_stats "
                      "(pass variables['batch_stats'] from the same model).")
-  bn_stats = _child(stats, "bn", path, "batch_stats") if has_conv else stats
-  scale, bias = (_child(bn_params, k, bn_path, "params") for k in ("scale", "bias"))
-  mean, var = (_child(bn_stats, k, bn_path, "batch_stats") for k in ("mean", "var"))
-  kernel = _child(_child(params, "conv", path, "params"), "kernel", path + ("conv",), "params") if has_conv else None
-  out_channels = kernel.shape[-1] if has_conv else scale.shape[-1]
-  for name, leaf in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
-    if jnp.shape(leaf) != (out_channels,):
-      raise ValueError(f"{_join(bn_path + (name,))!r} has shape {jnp.shape(leaf)}; expected ({out_channels},) "
-                       "to match the branch's output channels.")
-  return kernel, scale, bias, mean, var
+  scale, bias = (child(params, k, path) for k in ("scale", "bias"))
+  bn = (scale, bias, *(child(stats, k, path, "batch_stats") for k in ("mean", "var")))
+  _check_channels(bn, jnp.shape(scale)[-1], path)
+  return bn
 
 
-def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSILON,
-               path: tuple[str, ...] = ()) -> dict:
-  """One training-time block's params and batch_stats -> the plain block's params.
+def conv_bn(params: Mapping, stats: Optional[Mapping], path: tuple[str, ...], conv: str = "conv",
+            norm: str = "bn") -> tuple[Any, BatchNorm]:
+  """A conv+BN branch's validated (kernel (k, k, I, O), its BN), from {conv: {kernel}, norm: {scale, bias}} and
+  batch_stats {norm: {mean, var}}."""
+  kernel = child(child(params, conv, path), "kernel", path + (conv,))
+  if stats is None:
+    raise ValueError(f"batch_stats is missing {_join(path)!r}: params without their batch_stats "
+                     "(pass variables['batch_stats'] from the same model).")
+  bn = batch_norm(child(params, norm, path), child(stats, norm, path, "batch_stats"), path + (norm,))
+  _check_channels(bn, kernel.shape[-1], path + (norm,))
+  return kernel, bn
 
-  Input params (RepVGG / MobileOne names): k x k conv branches ``rbr_dense`` / ``rbr_conv_0``,
-  ``rbr_conv_1``, ... {conv: {kernel (k,k,I,O)}, bn: {scale, bias}}; a 1x1 branch ``rbr_1x1`` /
-  ``rbr_scale`` {conv: {kernel (1,1,I,O)}, bn} (required in RepVGG blocks, present in MobileOne's where
-  k > 1); optionally an identity ``rbr_identity`` / ``rbr_skip`` {scale, bias}, and ``se``. batch_stats hold
-  ``mean``/``var`` for each BatchNorm. Output: {``rbr_reparam``: {kernel (k,k,I,O), bias (O,)}} plus ``se``
-  unchanged. ``path`` names the block in error messages.
-  """
-  if "bn" in block_params:
-    return _fuse_quantization_friendly_block(block_params, block_stats, eps, path)
-  unknown = sorted(k for k in block_params if not _is_block_key(k))
-  if unknown:
-    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a re-parameterizable block "
-                     f"holds k x k conv branches (rbr_dense or rbr_conv_i), {list(SMALL_BRANCHES)}, "
-                     f"{list(IDENTITY_BRANCHES)}, se and post_se.")
-  if "rbr_dense" in block_params and "rbr_1x1" not in block_params:
-    raise ValueError(f"Block {_join(path)!r} is missing its 'rbr_1x1' branch.")
-  convs = sorted((k for k in block_params if CONV_BRANCH.fullmatch(k)), key=lambda k: (len(k), k))
+
+def fuse_conv_bn(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...], conv: str = "conv",
+                 norm: str = "bn"):
+  """``fuse_bn`` of a conv+BN subtree (``conv_bn``): (kernel (k, k, I, O), bias (O,))."""
+  kernel, bn = conv_bn(params, stats, path, conv, norm)
+  return fuse_bn(kernel, *bn, eps=eps)
+
+
+def fuse_branches(path: tuple[str, ...], convs: Sequence[tuple[str, Any, BatchNorm]],
+                  small: Sequence[tuple[str, Any, BatchNorm]] = (), identity: Optional[tuple[str, BatchNorm]] = None,
+                  eps: float = BN_EPSILON):
+  """The sum of a block's linear branches as one conv: ``convs`` the k x k conv+BN branches (name, kernel
+  (k, k, I, O), BN), ``small`` 1x1 conv+BN branches (padded to the centre), ``identity`` a BN of the input
+  (name, BN; the identity kernel of the kernel's groups). Returns (kernel (k, k, I, O), bias (O,)); shapes that do
+  not form one block raise ValueError naming the block at ``path``."""
   if not convs:
-    raise ValueError(f"Block {_join(path)!r} is missing its 'rbr_dense' branch (or MobileOne's 'rbr_conv_0').")
-  stats = block_stats if block_stats is not None else {}
-  extra = sorted(set(stats) - set(block_params))
-  if extra:
-    raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
-
+    raise ValueError(f"Block {_join(path)!r} has no k x k conv branch.")
   kernel = bias = None
-  for name in convs:
-    k, *bn = _bn_branch(block_params[name], stats.get(name), path + (name,), True)
+  for name, k, bn in convs:
     if kernel is not None and k.shape != kernel.shape:
-      raise ValueError(f"Block {_join(path)!r}: {name} kernel {k.shape} differs from {convs[0]}'s {kernel.shape}.")
+      raise ValueError(f"Block {_join(path)!r}: {name} kernel {k.shape} differs from {convs[0][0]}'s {kernel.shape}.")
     k, b = fuse_bn(k, *bn, eps=eps)
     kernel, bias = (k, b) if kernel is None else (kernel + k, bias + b)
   size, (in_per_group, channels) = kernel.shape[0], kernel.shape[2:]
-  for name in (n for n in SMALL_BRANCHES if n in block_params):
-    k1, *bn1 = _bn_branch(block_params[name], stats.get(name), path + (name,), True)
+  for name, k1, bn1 in small:
     if k1.shape != (1, 1) + kernel.shape[2:]:
-      raise ValueError(f"Block {_join(path)!r}: {convs[0]} kernel {kernel.shape} and {name} kernel {k1.shape} do "
+      raise ValueError(f"Block {_join(path)!r}: {convs[0][0]} kernel {kernel.shape} and {name} kernel {k1.shape} do "
                        f"not form a block (expected (1, 1, {in_per_group}, {channels})).")
     k1, b1 = fuse_bn(pad_to_center(k1, size), *bn1, eps=eps)
     kernel, bias = kernel + k1, bias + b1
-
-  for name in (n for n in IDENTITY_BRANCHES if n in block_params):
-    _, *bn_id = _bn_branch(block_params[name], stats.get(name), path + (name,), False)
+  if identity is not None:
+    name, bn_id = identity
+    _check_channels(bn_id, channels, path + (name,))
     if channels % in_per_group:
       raise ValueError(f"Block {_join(path)!r} has an identity branch but its kernel {kernel.shape} does not map "
                        f"{channels} channels to themselves.")
     kernel_id, bias_id = fuse_bn(identity_kernel(channels, channels // in_per_group, kernel.dtype, size), *bn_id,
                                  eps=eps)
     kernel, bias = kernel + kernel_id, bias + bias_id
-
-  fused = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
-  for name in (n for n in KEPT if n in block_params):  # Carried over like any non-block subtree.
-    fused[name], _ = _reparam_tree(block_params[name], stats.get(name), eps, path + (name,))
-  return fused
+  return kernel, bias
 
 
-def _fuse_quantization_friendly_block(block_params: Mapping, block_stats, eps: float, path: tuple[str, ...]) -> dict:
-  """QARepVGG: {rbr_dense: {conv, bn}, rbr_1x1: {kernel (1,1,I,O)}, bn} + batch_stats {rbr_dense: {bn},
-  bn, rbr_identity (ones, where the block has an identity)} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}}:
-  K = K3 t3 + pad(K1) + I, b = beta3 - mu3 t3, then the BN after the sum folded in."""
-  unknown = sorted(set(block_params) - {"rbr_dense", "rbr_1x1", "bn"})
+def check_entries(params: Mapping, stats: Optional[Mapping], allowed: str, path: tuple[str, ...],
+                  holds: str) -> None:
+  """A block's params may hold only entries matching the regex ``allowed`` (``holds`` says which, for the
+  message), and its batch_stats only entries its params have."""
+  unknown = sorted(k for k in params if not re.fullmatch(allowed, k))
   if unknown:
-    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; a QARepVGG block holds rbr_dense, "
-                     "rbr_1x1 and bn.")
-  stats = block_stats if block_stats is not None else {}
-  extra = sorted(set(stats) - {"rbr_dense", "bn", "rbr_identity"})
+    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; it holds {holds}.")
+  extra = sorted(set(stats or {}) - set(params))
   if extra:
     raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
-  kernel, *bn3 = _bn_branch(_child(block_params, "rbr_dense", path, "params"), stats.get("rbr_dense"),
-                            path + ("rbr_dense",), True)
-  kernel, bias = fuse_bn(kernel, *bn3, eps=eps)
-  k1 = _child(_child(block_params, "rbr_1x1", path, "params"), "kernel", path + ("rbr_1x1",), "params")
-  if k1.shape != (1, 1) + kernel.shape[2:]:
-    raise ValueError(f"Block {_join(path)!r}: rbr_dense kernel {kernel.shape} and rbr_1x1 kernel {k1.shape} do not "
-                     f"form a block (expected (1, 1) + {kernel.shape[2:]}).")
-  kernel = kernel + pad_1x1_to_3x3(k1)
-  if "rbr_identity" in stats:
-    in_per_group, channels = kernel.shape[2:]
-    gain = stats["rbr_identity"]
-    if jnp.shape(gain) != (channels,) or channels % in_per_group:
-      raise ValueError(f"Block {_join(path)!r} has an identity (batch_stats 'rbr_identity' of shape "
-                       f"{jnp.shape(gain)}) but its kernel {kernel.shape} does not map {channels} channels to themselves.")
-    kernel = kernel + identity_kernel(channels, channels // in_per_group, kernel.dtype) * gain
-  _, *bn = _bn_branch(block_params["bn"], stats.get("bn"), path + ("bn",), False)
-  kernel, bias = fuse_bn_after_sum(kernel, bias, *bn, eps=eps)
-  return {"rbr_reparam": {"kernel": kernel, "bias": bias}}
 
 
-def _reparam_tree(params: Mapping, stats, eps, path: tuple[str, ...]) -> tuple[dict, int]:
-  if any(CONV_BRANCH.fullmatch(k) or k in SMALL_BRANCHES for k in params):
-    return fuse_block(params, stats, eps, path), 1
-  stats = stats if stats is not None else {}
-  extra = sorted(set(stats) - set(params))
+def carry_over(params, stats: Optional[Mapping], path: tuple[str, ...]):
+  """A subtree with nothing to fold (SE, a classifier), as it is; batch_stats under it are an error."""
+  if isinstance(params, Mapping):
+    return {k: carry_over(v, (stats or {}).get(k), path + (k,)) for k, v in params.items()}
+  if stats is not None:
+    raise ValueError(f"batch_stats has {_join(path)!r} where params hold an array.")
+  return params
+
+
+def fuse_layers(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON, *,
+                rules: Sequence[plan.FuseRule], drop: str = "$^") -> dict:
+  """A training-form tree -> the deploy form's params, layer by layer (the tree's top-level entries): each layer
+  claimed by one of ``rules`` fused by it, those whose names match the regex ``drop`` (training-only heads) left
+  out, the rest (e.g. the classifier) carried over. At least one layer must be fused."""
+  extra = sorted(set(batch_stats) - set(params))
   if extra:
-    raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
-  out, blocks = {}, 0
-  for key, value in params.items():
-    if isinstance(value, Mapping):
-      out[key], n = _reparam_tree(value, stats.get(key), eps, path + (key,))
-      blocks += n
-    elif key in stats:
-      raise ValueError(f"batch_stats has {_join(path + (key,))!r} where params hold an array.")
+    raise ValueError(f"batch_stats has {extra} with no matching params.")
+  out, fused = {}, 0
+  for name, layer in params.items():
+    if re.fullmatch(drop, name):
+      continue
+    rule = next((r for r in rules if isinstance(layer, Mapping) and r.claims(layer)), None)
+    if rule is None:
+      out[name] = carry_over(layer, batch_stats.get(name), (name,))
     else:
-      out[key] = value
-  return out, blocks
+      out[name] = rule.fuse(layer, batch_stats.get(name), eps, (name,))
+      fused += 1
+  if not fused:
+    raise ValueError("reparam found no training-time block in params; were these params already "
+                     "re-parameterized?")
+  return out
 
 
-def fuse_plain_stack(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
-  """``reparam`` of a RepVGG, QARepVGG, MobileOne or RepVGGplus tree: every block (a subtree holding ``rbr_dense``
-  or ``rbr_conv_0``) becomes ``{rbr_reparam: {kernel, bias}}`` (+ its ``se`` or ``post_se``); RepVGGplus's
-  auxiliary heads (``*_aux``) are dropped; everything else, e.g. the ``linear`` head, is carried over."""
-  drop_aux = lambda tree: {k: v for k, v in tree.items() if not k.endswith(AUX_SUFFIX)}  # Training form only.
-  fused, blocks = _reparam_tree(drop_aux(params), drop_aux(batch_stats), eps, ())
-  if not blocks:
-    raise ValueError("reparam found no training-time block (a subtree with 'rbr_dense' or 'rbr_conv_0') in "
-                     "params; were these params already re-parameterized?")
-  return fused
+def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSILON,
+               path: tuple[str, ...] = ()) -> dict:
+  """One training-time block's params and batch_stats -> the plain block's params, by the fuse rule of the
+  block kind that claims it (every family's, ``families.fuse_rules``): e.g. a RepVGG block {rbr_dense, rbr_1x1,
+  rbr_identity, se} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}, se}. ``path`` names the block in errors."""
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports every family's rules.
+  rules = families.fuse_rules()
+  rule = next((r for r in rules if r.claims(block_params)), rules[0])  # The first rule's checks name the problem.
+  return rule.fuse(block_params, block_stats, eps, path)
 
 
 def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:

@@ -19,11 +19,10 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import plan, torch_weights
+from repvgg_jax import models, plan, reparam, torch_weights
 from repvgg_jax.backend import global_average_pool
 from repvgg_jax.models import BN_EPSILON, Conv, Network, check_images
 from repvgg_jax.reparam import fuse_bn, fuse_bn_after_sum, identity_kernel, pad_1x1_to_3x3
@@ -254,12 +253,6 @@ class RepViT(Network):
     return ((heads[0] + heads[1]) / 2).astype(out_dtype)
 
 
-def get_variant(name: str) -> RepViTVariant:
-  if name not in VARIANTS:
-    raise ValueError(f"unknown RepViT variant {name!r}; choose from {', '.join(VARIANTS)}.")
-  return VARIANTS[name]
-
-
 OVERRIDABLE = ("widths", "depths", "bn_momentum", "bn_epsilon", "bn_axis_name")
 
 
@@ -268,78 +261,96 @@ def create(name: str, variant: RepViTVariant, *, num_classes: int = 1000, deploy
            **overrides) -> RepViT:
   """The network of a RepViT variant; ``overrides``: ``widths`` and ``depths`` (4 stages each) and the BatchNorms'
   ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``; ``out_indices`` among 0..3 (strides 4..32)."""
-  unknown = sorted(set(overrides) - set(OVERRIDABLE))
-  if unknown:
-    raise ValueError(f"Unknown override(s) {unknown} for {name}; allowed: {', '.join(OVERRIDABLE)}.")
-  fields = {"widths": variant.widths, "depths": variant.depths, **overrides}
+  overrides = {k: tuple(v) if k in ("widths", "depths") else v for k, v in overrides.items()}
   for key in ("widths", "depths"):
-    fields[key] = tuple(fields[key])
-    if len(fields[key]) != 4 or min(fields[key]) < 1:
-      raise ValueError(f"{key} must be 4 positive entries (stage1..stage4); got {fields[key]}.")
+    value = overrides.get(key, getattr(variant, key))
+    if len(value) != 4 or min(value) < 1:
+      raise ValueError(f"{key} must be 4 positive entries (stage1..stage4); got {value}.")
   out_indices = tuple(out_indices)
   if not out_indices or not set(out_indices) <= set(range(4)) or len(set(out_indices)) != len(out_indices):
     raise ValueError(f"out_indices must be distinct stages among 0..3 (strides 4..32); got {out_indices}.")
-  return RepViT(num_classes=num_classes, deploy=deploy, features_only=features_only, out_indices=out_indices,
-                dtype=dtype, **fields)
+  return models.create_network(RepViT, name, {"widths": variant.widths, "depths": variant.depths}, overrides,
+                               num_classes=num_classes, deploy=deploy, features_only=features_only,
+                               out_indices=out_indices, dtype=dtype)
 
 
-def create_repvit(name: str, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepViT:
-  return create(name, get_variant(name), num_classes=num_classes, deploy=deploy, **kwargs)
+# --------------------------------------------------------------------------- fusion, one rule per block kind.
 
-
-# --------------------------------------------------------------------------- fusion.
-
-def _fuse_conv_norm(params: Mapping, stats: Mapping, eps: float) -> dict:
-  kernel, bias = fuse_bn(params["c"]["kernel"], params["bn"]["scale"], params["bn"]["bias"], stats["bn"]["mean"],
-                         stats["bn"]["var"], eps)
+def fuse_conv_norm(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...]) -> dict:
+  """ConvNorm {c: {kernel}, bn} -> {c: {kernel, bias}}."""
+  reparam.check_entries(params, stats, "c|bn", path, "c and bn")
+  kernel, bias = reparam.fuse_conv_bn(params, stats, eps, path, conv="c")
   return {"c": {"kernel": kernel, "bias": bias}}
 
 
-def _fuse_repvgg_dw(params: Mapping, stats: Mapping, eps: float) -> dict:
-  """RepVGGDW -> one depthwise 3x3: BN(fuse_bn(K3) + pad(K1) + I, b3 + b1)."""
-  dense = _fuse_conv_norm(params["conv"], stats["conv"], eps)["c"]
-  channels = dense["kernel"].shape[-1]
-  kernel = (dense["kernel"] + pad_1x1_to_3x3(params["conv1"]["kernel"])
-            + identity_kernel(channels, channels, dense["kernel"].dtype))
-  bn, bn_stats = params["bn"], stats["bn"]
-  kernel, bias = fuse_bn_after_sum(kernel, dense["bias"] + params["conv1"]["bias"], bn["scale"], bn["bias"],
-                                   bn_stats["mean"], bn_stats["var"], eps)
-  return {"kernel": kernel, "bias": bias}
+def fuse_repvgg_dw(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...]) -> dict:
+  """RepVGGDW {conv: ConvNorm, conv1: {kernel, bias}, bn} -> {conv: {kernel (3,3,1,C), bias}}: BN(fuse_bn(K3) +
+  pad(K1) + I, b3 + b1)."""
+  stats = stats or {}
+  reparam.check_entries(params, stats, "conv|conv1|bn", path, "conv, conv1 and bn")
+  kernel, bias = reparam.fuse_conv_bn(reparam.child(params, "conv", path), stats.get("conv"), eps, path + ("conv",),
+                                      conv="c")
+  conv1 = reparam.child(params, "conv1", path)
+  channels = kernel.shape[-1]
+  kernel = (kernel + pad_1x1_to_3x3(reparam.child(conv1, "kernel", path + ("conv1",)))
+            + identity_kernel(channels, channels, kernel.dtype))
+  bn = reparam.batch_norm(reparam.child(params, "bn", path), stats.get("bn"), path + ("bn",))
+  kernel, bias = fuse_bn_after_sum(kernel, bias + reparam.child(conv1, "bias", path + ("conv1",)), *bn, eps=eps)
+  return {"conv": {"kernel": kernel, "bias": bias}}
 
 
-def _fuse_norm_linear(params: Mapping, stats: Mapping, eps: float):
+def _fuse_parts(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...],
+                parts: Mapping[str, Callable]) -> dict:
+  """A block whose entries are the named ``parts``, each fused by its rule (None: carried over, e.g. SE)."""
+  stats = stats or {}
+  reparam.check_entries(params, stats, "|".join(parts), path, ", ".join(parts))
+  for k in (k for k, rule in parts.items() if rule is not None):
+    reparam.child(params, k, path)
+  return {k: (reparam.carry_over if parts[k] is None else functools.partial(parts[k], eps=eps))(
+      v, stats.get(k), path=path + (k,)) for k, v in params.items()}
+
+
+def fuse_ffn(params, stats, eps, path):
+  """FFN {conv1, conv2: ConvNorm} -> its two convs with biases."""
+  return _fuse_parts(params, stats, eps, path, {"conv1": fuse_conv_norm, "conv2": fuse_conv_norm})
+
+
+def fuse_block(params, stats, eps, path):
+  """RepViTBlock {token_mixer, se (optional), channel_mixer} -> the fused token mixer, SE, the fused FFN."""
+  return _fuse_parts(params, stats, eps, path, {"token_mixer": fuse_repvgg_dw, "se": None, "channel_mixer": fuse_ffn})
+
+
+def fuse_downsample(params, stats, eps, path):
+  """Downsample {pre_block, spatial_downsample, channel_downsample, ffn} -> each part fused."""
+  return _fuse_parts(params, stats, eps, path, {"pre_block": fuse_block, "spatial_downsample": fuse_conv_norm,
+                                                "channel_downsample": fuse_conv_norm, "ffn": fuse_ffn})
+
+
+FUSE_RULES = (plan.FuseRule(lambda block: "c" in block, fuse_conv_norm),
+              plan.FuseRule(lambda block: "token_mixer" in block, fuse_block),
+              plan.FuseRule(lambda block: "pre_block" in block, fuse_downsample))
+
+
+def _fuse_norm_linear(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...]):
   """BN then Linear -> (kernel, bias) of one Linear: the BN's per-feature affine map x t + shift (``fuse_bn`` of a
   unit kernel) folded into the kernel's rows and the bias."""
-  bn = params["bn"]
-  t, shift = fuse_bn(jnp.ones_like(bn["scale"]), bn["scale"], bn["bias"], stats["bn"]["mean"], stats["bn"]["var"], eps)
-  kernel = params["l"]["kernel"]
-  return kernel * t[:, None], shift @ kernel + params["l"]["bias"]
+  bn = reparam.batch_norm(reparam.child(params, "bn", path), reparam.child(stats, "bn", path, "batch_stats"),
+                          path + ("bn",))
+  t, shift = fuse_bn(jnp.ones_like(bn[0]), *bn, eps=eps)
+  linear = reparam.child(params, "l", path)
+  kernel = reparam.child(linear, "kernel", path + ("l",))
+  return kernel * t[:, None], shift @ kernel + reparam.child(linear, "bias", path + ("l",))
 
 
-def _fuse_tree(params: Mapping, stats: Mapping, eps: float) -> dict:
-  """Every RepVGGDW to its depthwise conv, every ConvNorm to its conv with a bias, the rest as it is."""
-  out = {}
-  for key, value in params.items():
-    if key == "token_mixer":
-      out[key] = {"conv": _fuse_repvgg_dw(value, stats[key], eps)}
-    elif isinstance(value, Mapping) and "c" in value:  # A ConvNorm: its BN must be there too.
-      out[key] = _fuse_conv_norm(value, stats[key], eps)
-    elif isinstance(value, Mapping):
-      out[key] = _fuse_tree(value, stats.get(key, {}), eps)
-    else:
-      out[key] = value
-  return out
-
-
-def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
-  """Training-form RepViT params and batch_stats -> the deploy form's params (pure, jittable); ``eps`` must be the
-  BatchNorms' epsilon, as for ``repvgg_jax.reparam``. A tree lacking a layer raises ValueError naming it."""
-  try:
-    body = _fuse_tree({k: v for k, v in params.items() if k not in HEADS}, batch_stats, eps)
-    heads = [_fuse_norm_linear(params[h], batch_stats[h], eps) for h in HEADS]
-  except KeyError as e:
-    raise ValueError(f"RepViT params or batch_stats lack {e.args[0]!r}: not a training-form RepViT tree.") from e
-  return {**body, "head": {"kernel": (heads[0][0] + heads[1][0]) / 2, "bias": (heads[0][1] + heads[1][1]) / 2}}
+def fuse(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
+  """Training-form RepViT params and batch_stats -> the deploy form's params (pure, jittable): every layer by its
+  kind's rule (``FUSE_RULES``), the two BN + Linear heads averaged into one Dense ``head``. ``eps`` must be the
+  BatchNorms' epsilon, as for ``repvgg_jax.reparam``; a tree lacking a layer raises ValueError naming it."""
+  body = {k: v for k, v in params.items() if k not in HEADS}
+  heads = [_fuse_norm_linear(reparam.child(params, h, ()), reparam.child(batch_stats, h, (), "batch_stats"), eps,
+                             (h,)) for h in HEADS]
+  fused = reparam.fuse_layers(body, {k: v for k, v in batch_stats.items() if k not in HEADS}, eps, rules=FUSE_RULES)
+  return {**fused, "head": {"kernel": (heads[0][0] + heads[1][0]) / 2, "bias": (heads[0][1] + heads[1][1]) / 2}}
 
 
 # --------------------------------------------------------------------------- timm's keys.
@@ -359,40 +370,6 @@ def timm_key(path: tuple[str, ...], deploy: bool) -> str:
   return ".".join([top, *middle, torch_weights.LEAF_TO_TORCH[leaf]])
 
 
-def from_timm_state_dict(state_dict: Mapping[str, Any], name: str, num_classes: Optional[int] = None,
-                         deploy: Optional[bool] = None, **overrides) -> dict:
-  """timm's ``repvit_*`` state_dict, training form or fused (told apart by its keys) -> Flax variables of
-  ``create_repvit(name, deploy=...)`` with its class count; strict. ``num_classes`` and ``deploy``, where given,
-  must be the checkpoint's."""
-  is_deploy = "head.weight" in state_dict
-  if deploy is not None and deploy != is_deploy:
-    raise ValueError(f"deploy={deploy} was asked for, but the state_dict holds "
-                     f"{'fused' if is_deploy else 'training-time'} weights.")
-  head_key = "head.weight" if is_deploy else "head.head.l.weight"
-  if head_key not in state_dict:
-    raise ValueError(f"{name}: the state_dict has neither 'head.weight' nor 'head.head.l.weight': not timm's "
-                     "RepViT naming (give timm's repvit_* weights).")
-  classes = int(np.shape(state_dict[head_key])[0])
-  if num_classes is not None and num_classes != classes:
-    raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {classes} classes.")
-  model = create(name, get_variant(name), num_classes=classes, deploy=is_deploy, **overrides)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  return torch_weights.map_state_dict(state_dict, shapes, functools.partial(timm_key, deploy=is_deploy), name)
-
-
-def to_timm_state_dict(variables: Mapping, deploy: bool) -> dict[str, np.ndarray]:
-  """Flax variables -> timm's state_dict (numpy, PyTorch layout) of the same form: ``load_state_dict`` takes it
-  strictly (through ``torch_weights.as_torch``)."""
-  return torch_weights.state_dict_of(variables, functools.partial(timm_key, deploy=deploy), lambda key: True)
-
-
-def _state_dict(variables: Mapping, naming: str) -> dict[str, np.ndarray]:
-  if naming != "timm":
-    raise ValueError("RepViT's weights are written in timm's naming (THU-MIG/RepViT's own keys are not supported): "
-                     "use the timm naming.")
-  return to_timm_state_dict(variables, deploy="batch_stats" not in variables)
-
-
 def _decays(path: tuple[str, ...], leaf) -> bool:
   """timm's optimizer (``filter_bias_and_bn``), as THU-MIG/RepViT trains: decay on kernels, none on 1-D
   parameters (biases, BN scales and shifts)."""
@@ -400,5 +377,8 @@ def _decays(path: tuple[str, ...], leaf) -> bool:
   return np.ndim(leaf) > 1
 
 
-FAMILY = plan.Family("repvit", RepViT, VARIANTS, create, reparam, lambda params: "stem_conv1" in params,
-                     from_timm_state_dict, _state_dict, _decays)
+FAMILY = plan.Family(
+    name="repvit", network=RepViT, variants=VARIANTS, create=create, overridable=OVERRIDABLE, fuse_rules=FUSE_RULES,
+    reparam=fuse, owns=lambda params: "stem_conv1" in params,
+    namings={"timm": torch_weights.Naming(timm_key, lambda key: True)}, decays=_decays,
+    timm_names={name: variant.timm_name for name, variant in VARIANTS.items()})

@@ -1,68 +1,36 @@
-"""PyTorch state_dict <-> Flax variables: RepVGG in the official (DingXiaoH) and timm key naming, MobileOne in
-apple/ml-mobileone's ("official") and timm's, QARepVGG in cxxgtxy/QARepVGG's and RepVGGplus in DingXiaoH's
-(timm has neither).
+"""PyTorch state_dict <-> Flax variables, for every family by its namings (``plan.Family.namings``: RepVGG
+DingXiaoH's "official" and timm's, MobileOne apple/ml-mobileone's and timm's, QARepVGG cxxgtxy/QARepVGG's,
+RepVGGplus DingXiaoH's, RepViT timm's).
 
-Loading is strict: every missing or unexpected key and every shape mismatch is a ValueError listing them,
-because silently keeping random weights for a misspelt key is the most reported bug of the official loader.
-PyTorch conv kernels are OIHW and Linear weights (out, in); Flax kernels are HWIO and (in, out).
+A naming maps each Flax leaf to its key; the loader finds the naming and form (training-time or deploy) whose keys
+the state_dict holds, and loads strictly: every missing or unexpected key and every shape mismatch is a ValueError
+listing them, because silently keeping random weights for a misspelt key is the most reported bug of the official
+loader. PyTorch conv kernels are OIHW and Linear weights (out, in); Flax kernels are HWIO and (in, out).
 """
 
-import re
+import dataclasses
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import models, variants
-
-# Flax name piece -> official name piece, per family (RepVGG's Flax names are the official ones).
-_OFFICIAL_RENAMES = {"repvgg": {}, "qarepvgg": {},  # QARepVGG: cxxgtxy/QARepVGG's names, RepVGG's plus rbr_1x1.weight, bn.
-                     "mobileone": {"rbr_reparam": "reparam_conv", "down": "reduce", "up": "expand"},
-                     "repvggplus": {"downsample": "0", "fc": "3"}}  # Aux heads: nn.Sequential(conv_bn_relu, ...).
-NO_TIMM = {"qarepvgg": "QARepVGG; give cxxgtxy/QARepVGG's", "repvggplus": "RepVGGplus; give DingXiaoH/RepVGG's"}
-_LINEAR = re.compile(r"^(linear|stage\w+_aux\.3)\.")  # PyTorch Linear layers; other 2-D leaves are 1x1 convs.
-# Official name piece -> timm name piece; applied to whole dot-separated components.
-_TIMM_RENAMES = {
-    "repvgg": {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
-               "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"},
-    "mobileone": {"rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity", "se": "attn",
-                  "reduce": "fc1", "expand": "fc2"},
-}
 LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-                  "var": "running_var"}
+                 "var": "running_var"}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 
 
-def _is_identity_gain(names: tuple[str, ...]) -> bool:
-  """QARepVGG's identity gain (batch_stats .../rbr_identity, ones): ours alone, no PyTorch counterpart."""
-  return names[0] == "batch_stats" and names[-1] == "rbr_identity"
+@dataclasses.dataclass(frozen=True)
+class Naming:
+  """One PyTorch key naming of a family. ``key(names, deploy)``: a Flax leaf's names (collection first) in the
+  training (``deploy`` False) or deploy form -> its key, or None for a leaf PyTorch has no counterpart of, which
+  loads as ``absent(shape)``; ``linear(key)``: whether a 2-D Flax kernel is a PyTorch Linear weight (else a 1x1
+  conv's)."""
 
-
-def official_key(path: tuple[str, ...], family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
-  """Flax path, e.g. ('stage1_0', 'rbr_dense', 'bn', 'mean') -> 'stage1.0.rbr_dense.bn.running_mean';
-  MobileOne's ('stage1_0', 'rbr_conv_2', 'conv', 'kernel') -> 'stage1.0.rbr_conv.2.conv.weight'; RepVGGplus's
-  ('stage3_first_2', 'post_se', 'down', 'kernel') -> 'stage3_first.blocks.2.post_se.down.weight' and
-  ('stage1_aux', 'fc', 'kernel') -> 'stage1_aux.3.weight'."""
-  block = re.sub(r"^(stage\d(?:_first|_second)?)_(\d+)$", r"\1.blocks.\2" if family == "repvggplus" else r"\1.\2",
-                 path[0])
-  middle = (re.sub(r"^rbr_conv_(\d+)$", r"rbr_conv.\1", _OFFICIAL_RENAMES[family].get(p, p)) for p in path[1:-1])
-  return ".".join((block, *middle, LEAF_TO_TORCH[path[-1]]))
-
-
-def official_to_timm(key: str, family: str = "repvgg") -> str:  # pylint: disable=redefined-outer-name
-  """'stage1.0.rbr_dense.conv.weight' -> 'stages.0.0.conv_kxk.conv.weight'; 'linear.x' -> 'head.fc.x'."""
-  parts = key.split(".")
-  if parts[0] == "linear":
-    return ".".join(["head", "fc"] + parts[1:])
-  if parts[0] == "stage0":
-    head = ["stem"]
-    rest = parts[1:]
-  else:
-    head = ["stages", str(int(parts[0][len("stage"):]) - 1), parts[1]]
-    rest = parts[2:]
-  return ".".join(head + [_TIMM_RENAMES[family].get(p, p) for p in rest])
+  key: Callable[[tuple[str, ...], bool], Optional[str]]
+  linear: Callable[[str], Any]
+  absent: Optional[Callable[[tuple[int, ...]], Any]] = None
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -90,29 +58,35 @@ def _flax_to_torch(array: np.ndarray, linear: bool) -> np.ndarray:
   return array
 
 
-def map_state_dict(state_dict: Mapping[str, Any], shapes: Mapping, key_of, what: str) -> dict:
-  """A family's PyTorch state_dict -> the Flax tree of ``shapes`` (``jax.eval_shape`` of its init), each leaf
-  from the key ``key_of(path)`` (path: the leaf's names) in Flax layout; strict: a missing, extra or reshaped key
-  is a ValueError naming ``what``. ``num_batches_tracked`` buffers are ignored."""
+def map_state_dict(state_dict: Mapping[str, Any], shapes: Mapping, key_of, what: str, absent=None) -> dict:
+  """A PyTorch state_dict -> the Flax tree of ``shapes`` (``jax.eval_shape`` of an init), each leaf from the key
+  ``key_of(names)`` (names: the leaf's, collection first) in Flax layout, or ``absent(shape)`` where the key is
+  None; strict: missing, unexpected and reshaped keys are one ValueError naming ``what``. ``num_batches_tracked``
+  buffers are ignored."""
   state = {k: _to_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
-  used, problems = set(), []
+  used, missing, mismatched = set(), [], []
 
   def take(path, leaf):
     key = key_of(tuple(p.key for p in path))
+    if key is None:
+      return np.asarray(absent(leaf.shape), np.float32)
     if key not in state:
-      problems.append(f"lacks {key}")
+      missing.append(key)
       return np.zeros(leaf.shape, np.float32)
     value = _torch_to_flax(state[key], leaf.shape)
     used.add(key)
     if value.shape != leaf.shape:
-      problems.append(f"{key} has shape {state[key].shape}, the model's {leaf.shape}")
+      mismatched.append(f"{key}: {state[key].shape} does not fit the model's {leaf.shape}")
     return value.astype(np.float32)
 
   variables = jax.tree_util.tree_map_with_path(take, dict(shapes))
-  if set(state) - used:
-    problems.append(f"has unexpected keys {_format(set(state) - used)}")
+  problems = [f"{label}: {_format(keys)}" for label, keys in (
+      ("missing keys", missing), ("unexpected keys", set(state) - used), ("shape mismatches", mismatched)) if keys]
   if problems:
-    raise ValueError(f"{what}: the state_dict {'; '.join(problems[:20])}.")
+    first = sorted(missing)[:1]
+    lead = (f"the state_dict lacks {first[0]}" + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else "")
+            if first else "the state_dict does not match")
+    raise ValueError(f"{what}: {lead}; " + "; ".join(problems))
   return variables
 
 
@@ -133,24 +107,24 @@ def state_dict_of(variables: Mapping, key_of, is_linear) -> dict[str, np.ndarray
   return out
 
 
-def _naming(keys) -> str:
-  return "timm" if any(k.startswith(("stem.", "stages.", "head.")) for k in keys) else "official"
-
-
-def _is_deploy(keys) -> bool:
-  return any(".rbr_reparam." in k or ".reparam_conv." in k for k in keys)
-
-
 def _format(keys, limit: int = 20) -> str:
   keys = sorted(keys)
   more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
   return ", ".join(keys[:limit]) + more
 
 
+def _leaf_names(family, name: str, deploy: bool, overrides) -> list[tuple[str, ...]]:
+  """The names (collection first) of every leaf of ``name``'s variables in one form."""
+  model = family.create(name, family.variants[name], num_classes=1, deploy=deploy, dtype=jnp.float32,
+                        features_only=False, **overrides)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  return [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(dict(shapes))[0]]
+
+
 def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
                             deploy: Optional[bool] = None, **overrides) -> dict:
-  """A PyTorch state_dict of an official variant (its family's namings: RepVGG official or timm, MobileOne apple
-  or timm, QARepVGG cxxgtxy, RepVGGplus DingXiaoH, RepViT timm; training-time or deploy) -> Flax variables.
+  """A PyTorch state_dict of an official variant, in one of its family's namings and either form -> Flax
+  variables.
 
   Args:
     state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
@@ -163,93 +137,56 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
     ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
     for the deploy form.
   """
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports this module.
-  state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-  return families.family_of(name).load_state_dict(state_dict, name, num_classes, deploy, **overrides)
-
-
-def load_plain_stack_state_dict(state_dict: Mapping[str, Any], name: str, num_classes: Optional[int] = None,
-                                deploy: Optional[bool] = None, *, kind: str, **overrides) -> dict:
-  """``load_pytorch_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (``kind``: "repvgg", "qarepvgg",
-  "mobileone" or "repvggplus", the registry's name of the family)."""
-  weights = {}
-  if kind in NO_TIMM and any(k.startswith(("stem.", "stages.", "head.")) for k in state_dict):
-    raise ValueError(f"{name}: timm has no {NO_TIMM[kind]} (official) naming.")
-  for key, value in state_dict.items():
-    if not key.endswith(_IGNORED_SUFFIX):
-      weights[key] = value
-  naming, is_deploy = _naming(weights), _is_deploy(weights)
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports the families.
+  family = families.family_of(name)
+  state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()
+                if not k.endswith(_IGNORED_SUFFIX)}
+  # The naming and form whose keys the state_dict holds most of.
+  leaves = {form: _leaf_names(family, name, form, overrides) for form in (False, True)}
+  candidates = [(label, form, {key: n for n in leaves[form] if (key := naming.key(n, form)) is not None})
+                for label, naming in family.namings.items() for form in (False, True)]
+  label, is_deploy, keys = max(candidates, key=lambda c: len(set(c[2]) & set(state_dict)))
+  if len(set(keys) & set(state_dict)) * 2 < len(state_dict):
+    missing = "" if "timm" in family.namings else f"; timm has no {family.network.__name__} naming"
+    raise ValueError(f"{name}: the state_dict is in none of its family's namings ({', '.join(family.namings)})"
+                     f"{missing}; its keys begin {_format(list(state_dict)[:3])}.")
   if deploy is not None and deploy != is_deploy:
-    found = "deploy (re-parameterized)" if is_deploy else "training-time (three-branch)"
+    found = "deploy (re-parameterized)" if is_deploy else "training-time (multi-branch)"
     raise ValueError(f"deploy={deploy} was asked for, but the state_dict holds {found} weights.")
-  head_key = "head.fc.weight" if naming == "timm" else "linear.weight"
-  if head_key not in weights:
-    raise ValueError(f"The state_dict has no {head_key!r}: not a RepVGG checkpoint in {naming} naming?")
-  head_classes = int(_to_numpy(weights[head_key]).shape[0])
-  if num_classes is not None and num_classes != head_classes:
-    raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {head_classes} classes.")
-
-  model = models.create_plain_stack(name, variants.VARIANTS[name], num_classes=head_classes, deploy=is_deploy,
-                                    dtype=jnp.float32, features_only=False, **overrides)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  to_key = ((lambda path: official_to_timm(official_key(path, kind), kind)) if naming == "timm"
-            else (lambda path: official_key(path, kind)))
-  expected, missing, mismatched = {}, [], []
-
-  def convert(path, leaf):
-    names = tuple(p.key for p in path)
-    if _is_identity_gain(names):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    key = to_key(names[1:])
-    expected[key] = True
-    if key not in weights:
-      missing.append(key)
-      return np.zeros(leaf.shape, leaf.dtype)
-    array = _torch_to_flax(_to_numpy(weights[key]), leaf.shape)
-    if array.shape != leaf.shape:
-      mismatched.append(f"{key}: {tuple(_to_numpy(weights[key]).shape)} does not fit {name}'s {leaf.shape}")
-      return np.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(array, leaf.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(convert, shapes)
-  unexpected = sorted(set(weights) - set(expected))
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {_format(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {_format(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches: {_format(mismatched)}")
-  if problems:
-    raise ValueError(f"The state_dict ({naming} naming, {'deploy' if is_deploy else 'training-time'}) does not "
-                     f"match {name}: " + "; ".join(problems))
-  return dict(variables)
+  head = family.network.head
+  head_key = next(k for k, n in keys.items() if n[:2] == ("params", head) and n[-1] == "kernel")
+  if head_key not in state_dict:
+    raise ValueError(f"The state_dict has no {head_key!r}: not a {name} checkpoint in {label} naming?")
+  classes = int(_to_numpy(state_dict[head_key]).shape[0])
+  if num_classes is not None and num_classes != classes:
+    raise ValueError(f"num_classes={num_classes} but the checkpoint's head has {classes} classes.")
+  model = family.create(name, family.variants[name], num_classes=classes, deploy=is_deploy, dtype=jnp.float32,
+                        features_only=False, **overrides)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  naming = family.namings[label]
+  form = "deploy" if is_deploy else "training-time"
+  return map_state_dict(state_dict, shapes, lambda names: naming.key(names, is_deploy),
+                        f"The state_dict ({label} naming, {form}) of {name}", naming.absent)
 
 
 def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
-  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and the family's
-  official (or timm) naming; no torch needed (``safetensors.numpy.save_file`` writes it).
-
-  "official" is DingXiaoH's naming for RepVGG, cxxgtxy/QARepVGG's for QARepVGG and apple/ml-mobileone's for
-  MobileOne; RepViT's is timm's (either name gives it). BatchNorm layers get the ``num_batches_tracked`` buffer
+  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and one of the
+  family's namings ("official": DingXiaoH's for RepVGG and RepVGGplus, cxxgtxy/QARepVGG's for QARepVGG,
+  apple/ml-mobileone's for MobileOne; "timm": RepVGG, MobileOne and RepViT, whose only naming it is); no torch
+  needed (``safetensors.numpy.save_file`` writes it). BatchNorm layers get the ``num_batches_tracked`` buffer
   (int64 0) PyTorch expects, so ``load_state_dict`` is strict.
   """
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports this module.
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports the families.
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
-  return families.of_params(variables["params"]).save_state_dict(variables, naming)
-
-
-def plain_stack_state_dict(variables: Mapping, naming: str, *, kind: str) -> dict[str, np.ndarray]:
-  """``to_numpy_state_dict`` of RepVGG, QARepVGG, MobileOne and RepVGGplus (``kind`` as for
-  ``load_plain_stack_state_dict``)."""
-  if kind in NO_TIMM and naming == "timm":
-    raise ValueError(f"timm has no {NO_TIMM[kind]} (official) naming: use naming='official'.")
-  out = state_dict_of(variables, lambda names: None if _is_identity_gain(names) else official_key(names[1:], kind),
-                      _LINEAR.match)
-  if naming == "timm":
-    out = {official_to_timm(k, kind): v for k, v in out.items()}
-  return out
+  family = families.of_params(variables["params"])
+  if naming not in family.namings:
+    title, other = family.network.__name__, next(iter(family.namings))
+    raise ValueError(f"timm has no {title}: use naming={other!r}." if naming == "timm" else
+                     f"{title} has no {naming} naming: use naming={other!r}.")
+  deploy = "batch_stats" not in variables
+  chosen = family.namings[naming]
+  return state_dict_of(variables, lambda names: chosen.key(names, deploy), chosen.linear)
 
 
 def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:

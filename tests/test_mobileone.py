@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
-from repvgg_jax import models
+from repvgg_jax import mobileone, models
 from repvgg_jax.reparam import fuse_block
 from tests import wellposed
 from tests.helpers import MOBILEONE_SCALES, numpy_bn, numpy_conv, random_variables, randomize_torch_batchnorms
@@ -85,7 +85,7 @@ BLOCK_KINDS = {  # (channels in, out, kernel, stride, groups, branches, SE)
 @pytest.mark.parametrize("kind", BLOCK_KINDS)
 def test_every_block_kind_fuses_exactly_in_float64(kind):
   cin, cout, k, stride, groups, branches, use_se = BLOCK_KINDS[kind]
-  block = models.MobileOneBlock(cout, k, stride, groups, branches, use_se, dtype=jnp.float64)
+  block = mobileone.MobileOneBlock(cout, k, stride, groups, branches, use_se, dtype=jnp.float64)
   plain = models.PlainBlock(cout, stride, groups, use_se, dtype=jnp.float64, kernel_size=k)
   with jax.enable_x64(True):
     x = np.random.default_rng(1).normal(size=(2, 7, 7, cin))
@@ -108,7 +108,7 @@ def test_fuse_block_matches_the_branchwise_reference_for_any_shape(branches, ker
   cin = 4
   cout = cin if groups == "depthwise" or not widen else 2 * cin
   groups = cin if groups == "depthwise" else groups
-  block = models.MobileOneBlock(cout, kernel, stride, groups, branches, dtype=jnp.float64)
+  block = mobileone.MobileOneBlock(cout, kernel, stride, groups, branches, dtype=jnp.float64)
   with jax.enable_x64(True):
     x = np.random.default_rng(seed).normal(size=(1, 6, 6, cin))
     v = random_variables(block, x.shape, seed=seed, dtype=np.float64)

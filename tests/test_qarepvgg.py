@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
-from repvgg_jax import models
+from repvgg_jax import models, qarepvgg
 from repvgg_jax.reparam import fuse_block, fuse_bn_after_sum
 from tests.helpers import numpy_bn, numpy_conv, random_variables
 
@@ -62,7 +62,7 @@ def _numpy_qa_block(x, p, s, stride, groups, eps):
 def test_fusion_matches_the_termwise_reference_in_float64(groups, stride, widen, seed):
   cin = 8
   cout = 2 * cin if widen else cin
-  block = models.QARepVGGBlock(cout, stride, groups, dtype=jnp.float64)
+  block = qarepvgg.QARepVGGBlock(cout, stride, groups, dtype=jnp.float64)
   plain = models.PlainBlock(cout, stride, groups, dtype=jnp.float64)
   with jax.enable_x64(True):
     x = np.random.default_rng(seed).normal(size=(2, 7, 7, cin))

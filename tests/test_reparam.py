@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import repvgg_jax as rv
-from repvgg_jax import models
+from repvgg_jax import models, repvgg
 from repvgg_jax.reparam import fuse_bn, fuse_block, identity_kernel, pad_1x1_to_3x3, reparam
 from tests.helpers import numpy_block, numpy_conv, random_variables
 
@@ -71,7 +71,7 @@ BLOCK_KINDS = {
 def test_block_fusion_is_exact_in_float64(kind):
   cin, cout, stride, groups, use_se = BLOCK_KINDS[kind]
   eps = models.BN_EPSILON
-  train = models.RepVGGBlock(cout, stride, groups, use_se, dtype=jnp.float64)
+  train = repvgg.RepVGGBlock(cout, stride, groups, use_se, dtype=jnp.float64)
   plain = models.PlainBlock(cout, stride, groups, use_se, dtype=jnp.float64)
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 9, 9, cin)))
@@ -99,7 +99,7 @@ def _lax_conv(x, kernel, stride, padding, groups):
 def test_fuse_block_matches_branchwise_lax_reference(groups, in_per_group, out_per_group, stride, size, eps, seed):
   """Property: for any block shape, fused conv == sum of separately computed branches (float64)."""
   cin, cout = groups * in_per_group, groups * out_per_group
-  block = models.RepVGGBlock(cout, stride, groups, norm=models.batch_norm(epsilon=eps))
+  block = repvgg.RepVGGBlock(cout, stride, groups, norm=models.batch_norm(epsilon=eps))
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, size, size, cin)))
     v = random_variables(block, x.shape, seed=seed, dtype=np.float64)
@@ -121,7 +121,7 @@ def test_fuse_block_matches_branchwise_lax_reference(groups, in_per_group, out_p
 
 def test_reparam_respects_a_non_default_bn_epsilon():
   block_eps = 1e-2
-  net = models.RepVGGBlock(4, norm=models.batch_norm(epsilon=block_eps), dtype=jnp.float64)
+  net = repvgg.RepVGGBlock(4, norm=models.batch_norm(epsilon=block_eps), dtype=jnp.float64)
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 5, 4)))
     v = random_variables(net, x.shape, dtype=np.float64)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import repvgg_jax as rv
 from repvgg_jax import repvit
 from repvgg_jax.reparam import identity_kernel
 from tests import wellposed
@@ -20,7 +21,7 @@ IMAGE = (3, 64, 64)
 
 def float64_logits(name, variables, x, deploy=False, **kwargs):
   with jax.enable_x64(True):
-    model = repvit.create_repvit(name, num_classes=10, deploy=deploy, dtype=jnp.float64, **kwargs)
+    model = rv.create_model(name, num_classes=10, deploy=deploy, dtype=jnp.float64, **kwargs)
     variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     return jax.tree.map(np.asarray, jax.jit(model.apply)(variables, jnp.asarray(x, jnp.float64)))
 
@@ -36,15 +37,15 @@ def test_both_forms_give_timms_logits_and_a_broken_model_does_not(name):
   model = well_posed_timm(name)
   x = wellposed.images((4, 64, 64, 3), seed=1)
   expected = wellposed.torch_logits(model, x)
-  variables = repvit.from_timm_state_dict(model.state_dict(), name)
+  variables = rv.load_pytorch_state_dict(model.state_dict(), name)
   wellposed.assert_equal_functions(float64_logits(name, variables, x), expected)
   with jax.enable_x64(True):
     as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-    plain = jax.tree.map(np.asarray, repvit.reparam(as64["params"], as64["batch_stats"]))
+    plain = jax.tree.map(np.asarray, repvit.fuse(as64["params"], as64["batch_stats"]))
   wellposed.assert_equal_functions(float64_logits(name, {"params": plain}, x, deploy=True), expected)
   # timm's fused model holds float32 weights (its fuse makes new float32 layers): its own logits are the reference.
   fused = reparameterize_model(model).double()
-  loaded = repvit.from_timm_state_dict(fused.state_dict(), name)
+  loaded = rv.load_pytorch_state_dict(fused.state_dict(), name)
   wellposed.assert_equal_functions(float64_logits(name, loaded, x, deploy=True), wellposed.torch_logits(fused, x))
   # Mutations: kh and kw swapped; the FFN's residual dropped (a deploy block's output without its input).
   swapped = jax.tree.map(lambda a: np.swapaxes(a, 0, 1) if a.ndim == 4 else a, plain)
@@ -62,20 +63,20 @@ def test_every_variant_loads_timms_weights_strictly_in_both_forms_and_saves_them
   model = timm.create_model(repvit.VARIANTS[name].timm_name).eval()
   for deploy, torch_model in ((False, model), (True, reparameterize_model(model))):
     state_dict = torch_model.state_dict()
-    variables = repvit.from_timm_state_dict(state_dict, name)
+    variables = rv.load_pytorch_state_dict(state_dict, name)
     params = variables["params"]
     assert sum(np.size(a) for a in jax.tree.leaves(params)) == sum(p.numel() for p in torch_model.parameters())
-    saved = repvit.to_timm_state_dict(variables, deploy)
+    saved = rv.to_numpy_state_dict(variables, naming="timm")
     assert set(saved) == set(state_dict)
     for key, value in saved.items():
       np.testing.assert_array_equal(value, state_dict[key].numpy(), err_msg=key)
     missing = next(k for k in state_dict if k.endswith("weight"))
     with pytest.raises(ValueError, match=f"lacks {missing}"):
-      repvit.from_timm_state_dict({k: v for k, v in state_dict.items() if k != missing}, name)
+      rv.load_pytorch_state_dict({k: v for k, v in state_dict.items() if k != missing}, name)
 
 
 def test_reparam_of_our_own_initialisation_gives_the_deploy_tree():
-  model, deploy = repvit.create_repvit("RepViT-M0.9", 10), repvit.create_repvit("RepViT-M0.9", 10, deploy=True)
+  model, deploy = rv.create_model("RepViT-M0.9", num_classes=10), rv.create_model("RepViT-M0.9", num_classes=10, deploy=True)
   x = jnp.zeros((1, 64, 64, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   expected = jax.eval_shape(deploy.init, jax.random.key(0), x)["params"]
@@ -84,7 +85,7 @@ def test_reparam_of_our_own_initialisation_gives_the_deploy_tree():
 
 
 def test_features_only_gives_the_four_stages_at_timms_strides():
-  model = repvit.create_repvit("RepViT-M0.9", features_only=True)
+  model = rv.create_model("RepViT-M0.9", features_only=True)
   features = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], jnp.zeros((2, 64, 64, 3)))
   timm_model = timm.create_model("repvit_m0_9", features_only=True)
   assert [f.shape for f in features] == [(2, 64 // r, 64 // r, c) for r, c in zip(
@@ -92,19 +93,18 @@ def test_features_only_gives_the_four_stages_at_timms_strides():
 
 
 def test_the_registry_builds_repvit_and_reparam_fuses_it_like_the_family_function():
-  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   assert rv.list_models()[-5:] == list(repvit.VARIANTS)
   model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
   variables = wellposed.well_posed_variables(model, (64, 64, 3), dtype=np.float32)
   fused = rv.reparam(variables["params"], variables["batch_stats"])
-  for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(repvit.reparam(variables["params"],
+  for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(repvit.fuse(variables["params"],
                                                                                     variables["batch_stats"]))):
     np.testing.assert_array_equal(got, expected)
   with pytest.raises(ValueError, match="Unknown override"):
     rv.create_model("RepViT-M0.9", groups=2)
   with pytest.raises(ValueError, match="out_indices must be distinct stages among 0..3"):
     rv.create_model("RepViT-M0.9", features_only=True, out_indices=(4,))
-  with pytest.raises(ValueError, match="lack 'bn'"):
+  with pytest.raises(ValueError, match="missing 'stem_conv1/bn'"):
     rv.reparam({**variables["params"], "stem_conv1": {"c": variables["params"]["stem_conv1"]["c"]}},
                variables["batch_stats"])
   backbone = rv.create_model("RepViT-M0.9", features_only=True, out_indices=(1, 3), depths=(1, 1, 1, 1))
@@ -120,7 +120,6 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
   the JAX fake-quantized model on a shallow one (as tests/test_quantize.py's families), integer convolutions."""
   pytest.importorskip("onnxruntime")
   quantization = pytest.importorskip("repvgg_jax.quantization")
-  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   from repvgg_jax import export  # pylint: disable=g-import-not-at-top
   model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
   deploy = rv.create_model("RepViT-M0.9", num_classes=10, deploy=True, depths=(1, 1, 1, 1))
@@ -147,7 +146,6 @@ def test_onnx_float_and_int8_graphs_give_the_jax_deploy_models_logits():
 
 
 def test_weight_decay_falls_on_kernels_only_as_in_timms_optimizer():
-  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   from repvgg_jax import steps  # pylint: disable=g-import-not-at-top
   model = rv.create_model("RepViT-M0.9", num_classes=10, depths=(1, 1, 1, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]

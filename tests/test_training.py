@@ -152,9 +152,8 @@ def test_every_field_of_the_recipe_is_read_by_the_library():
 
 
 def test_model_overrides_offer_every_override_create_model_accepts():
-  from repvgg_jax import models, repvit  # pylint: disable=g-import-not-at-top
-  accepted = set().union(*(models._overridable(network) for network in models._NETWORKS.values()),  # pylint: disable=protected-access
-                         repvit.OVERRIDABLE)
+  from repvgg_jax import families  # pylint: disable=g-import-not-at-top
+  accepted = set().union(*(family.overridable for family in families.FAMILIES))
   offered = set(default.get_config().model_overrides.keys())
   # The loop sets the axis of its own pmap; the name says QARepVGG (quantization_friendly).
   assert offered == accepted - {"bn_axis_name", "quantization_friendly"}
