@@ -19,6 +19,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from timm.utils.model import reparameterize_model  # pylint: disable=wrong-import-position
+import repvgg_jax as rv  # pylint: disable=wrong-import-position
 from repvgg_jax import repvit  # pylint: disable=wrong-import-position
 from tests import wellposed  # pylint: disable=wrong-import-position
 from tests.test_repvit import float64_logits, well_posed_timm  # pylint: disable=wrong-import-position
@@ -35,12 +36,12 @@ def main(argv):
     model = well_posed_timm(name)
     x = wellposed.images((4, 64, 64, 3), seed=1)
     expected = wellposed.torch_logits(model, x)
-    variables = repvit.from_timm_state_dict(model.state_dict(), name)
+    variables = rv.load_pytorch_state_dict(model.state_dict(), name)
     with jax.enable_x64(True):
       as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-      plain = jax.tree.map(np.asarray, repvit.reparam(as64["params"], as64["batch_stats"]))
+      plain = jax.tree.map(np.asarray, rv.reparam(as64["params"], as64["batch_stats"]))
     fused = reparameterize_model(model).double()
-    loaded = repvit.from_timm_state_dict(fused.state_dict(), name)
+    loaded = rv.load_pytorch_state_dict(fused.state_dict(), name)
     errors = (wellposed.spread_error(float64_logits(name, variables, x), expected),
               wellposed.spread_error(float64_logits(name, {"params": plain}, x, deploy=True), expected),
               wellposed.spread_error(float64_logits(name, loaded, x, deploy=True), wellposed.torch_logits(fused, x)))

@@ -35,11 +35,6 @@ def family_of(name: str) -> plan.Family:
   raise ValueError(f"Unknown model {name!r}.{hint} Known models: {', '.join(known)}.")
 
 
-def get_variant(name: str) -> Any:
-  """The variant record of an official model name (ValueError as ``family_of``)."""
-  return family_of(name).variants[name]
-
-
 def fuse_rules() -> tuple[plan.FuseRule, ...]:
   """Every family's block kinds' fuse rules, family by family."""
   return tuple(rule for family in FAMILIES for rule in family.fuse_rules)

@@ -140,7 +140,7 @@ def apple_key(names: tuple[str, ...], deploy: bool = False) -> str:
 
 NAMINGS = {"official": torch_weights.Naming(apple_key, repvgg.LINEAR.match),
            "timm": torch_weights.Naming(lambda names, deploy: repvgg.official_to_timm(apple_key(names), TIMM_RENAMES),
-                                        repvgg.LINEAR.match)}
+                                        repvgg.TIMM_LINEAR.match)}
 
 
 def create(name: str, variant: Variant, **kwargs) -> MobileOne:

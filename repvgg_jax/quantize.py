@@ -7,8 +7,9 @@ evaluates float32 / PTQ / QAT on the eval split, and writes ``<workdir>/int8_met
 ``<workdir>/deploy_int8.onnx`` (only once onnxruntime agrees with the JAX fake-quantized logits).
 ``--weight_bits=4`` is the W4A8 stress setting in JAX fake quantization only (``w4a8_metrics.json``, no ONNX).
 QAT runs the training loop's own step (``steps.train_step``: the config's optimizer, label smoothing and data,
-one finiteness check) and evaluates with its ``eval_step``; the learning rate is ``--qat_learning_rate``, cosine
-to 0, without weight decay.
+one finiteness check) and evaluates with its ``eval_step``; the learning rate is ``--qat_learning_rate`` (by
+default 1/100 of the config's own peak, so that SGD and AdamW recipes each get theirs), cosine to 0, without
+weight decay.
 """
 
 import functools
@@ -43,12 +44,18 @@ def _onnx_accuracy(session, source, config, batch: int) -> float:
   return correct / count
 
 
+QAT_FRACTION_OF_PEAK = 0.01
+
+
 def fine_tune(qmodel, params, stats, source, config, batch: int) -> tuple[dict, dict]:
   """QAT for ``--qat_epochs`` through ``steps.train_step``; returns (params, quant_stats). A non-finite loss or
   update is a UserError (PTQ's results stand; nothing is written)."""
   steps_per_epoch = source.num_examples(config.train_split) // batch
   num_steps = int(FLAGS.qat_epochs * steps_per_epoch)
-  schedule = optax.cosine_decay_schedule(FLAGS.qat_learning_rate, max(num_steps, 1))
+  peak = FLAGS.qat_learning_rate
+  if peak is None:  # Fine-tuning's usual fraction of the run's own peak, for whichever optimizer it used.
+    peak = QAT_FRACTION_OF_PEAK * config.learning_rate * batch / 256
+  schedule = optax.cosine_decay_schedule(peak, max(num_steps, 1))
   optimizer = steps.create_optimizer(config, schedule, optax.constant_schedule(0.0))
   state = steps.replicate(quantization.qat_state(qmodel, params, stats, optimizer, FLAGS.weight_bits))
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate=schedule, num_classes=source.num_classes,
@@ -135,7 +142,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "The run's training configuration file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "The run's workdir (holds deploy/); int8 outputs are written there.")
   flags.DEFINE_float("qat_epochs", 0, "Quantization-aware fine-tuning epochs; 0 = post-training quantization only.")
-  flags.DEFINE_float("qat_learning_rate", 1e-3, "Peak learning rate of the fine-tuning (cosine to 0).")
+  flags.DEFINE_float("qat_learning_rate", None, "Peak learning rate of the fine-tuning (cosine to 0); default "
+                     f"{QAT_FRACTION_OF_PEAK} of the config's peak (learning_rate x batch / 256).")
   flags.DEFINE_integer("calibration_batches", 8, "Training batches for the static activation scales.")
   flags.DEFINE_integer("weight_bits", 8, "Weight bits, 8 or 4 (activations: 8); 4 is JAX-only (no ONNX).")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -94,14 +94,18 @@ def _check_channels(bn: BatchNorm, channels: int, path: tuple[str, ...]) -> None
                        "to match the branch's output channels.")
 
 
-def batch_norm(params: Mapping, stats: Optional[Mapping], path: tuple[str, ...]) -> BatchNorm:
-  """A BatchNorm's validated (scale, bias, mean, var), from its params {scale, bias} and batch_stats {mean, var}
-  at ``path``."""
+def _stats(stats: Optional[Mapping], path: tuple[str, ...]) -> Mapping:
   if stats is None:
     raise ValueError(f"batch_stats is missing {_join(path)!r}: params without their batch_stats "
                      "(pass variables['batch_stats'] from the same model).")
+  return stats
+
+
+def batch_norm(params: Mapping, stats: Optional[Mapping], path: tuple[str, ...]) -> BatchNorm:
+  """A BatchNorm's validated (scale, bias, mean, var), from its params {scale, bias} and batch_stats {mean, var}
+  at ``path``."""
   scale, bias = (child(params, k, path) for k in ("scale", "bias"))
-  bn = (scale, bias, *(child(stats, k, path, "batch_stats") for k in ("mean", "var")))
+  bn = (scale, bias, *(child(_stats(stats, path), k, path, "batch_stats") for k in ("mean", "var")))
   _check_channels(bn, jnp.shape(scale)[-1], path)
   return bn
 
@@ -111,10 +115,7 @@ def conv_bn(params: Mapping, stats: Optional[Mapping], path: tuple[str, ...], co
   """A conv+BN branch's validated (kernel (k, k, I, O), its BN), from {conv: {kernel}, norm: {scale, bias}} and
   batch_stats {norm: {mean, var}}."""
   kernel = child(child(params, conv, path), "kernel", path + (conv,))
-  if stats is None:
-    raise ValueError(f"batch_stats is missing {_join(path)!r}: params without their batch_stats "
-                     "(pass variables['batch_stats'] from the same model).")
-  bn = batch_norm(child(params, norm, path), child(stats, norm, path, "batch_stats"), path + (norm,))
+  bn = batch_norm(child(params, norm, path), child(_stats(stats, path), norm, path, "batch_stats"), path + (norm,))
   _check_channels(bn, kernel.shape[-1], path + (norm,))
   return kernel, bn
 

@@ -153,6 +153,7 @@ class RepVGG(models.PlainStackNetwork):
 # --------------------------------------------------------------------------- PyTorch keys.
 
 LINEAR = re.compile(r"^linear\.")  # PyTorch Linear layers; other 2-D leaves (SE) are 1x1 convs.
+TIMM_LINEAR = re.compile(r"^head\.fc\.")  # The same, in timm's naming.
 # Official name piece -> timm name piece; applied to whole dot-separated components.
 TIMM_RENAMES = {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity",
                 "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"}
@@ -178,7 +179,7 @@ def official_to_timm(key: str, renames: Mapping[str, str] = TIMM_RENAMES) -> str
 
 
 NAMINGS = {"official": torch_weights.Naming(lambda names, deploy: official_key(names), LINEAR.match),
-           "timm": torch_weights.Naming(lambda names, deploy: official_to_timm(official_key(names)), LINEAR.match)}
+           "timm": torch_weights.Naming(lambda names, deploy: official_to_timm(official_key(names)), TIMM_LINEAR.match)}
 
 
 def official_decay(path: tuple[str, ...], _) -> bool:

@@ -278,8 +278,8 @@ def create(name: str, variant: RepViTVariant, *, num_classes: int = 1000, deploy
 
 def fuse_conv_norm(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...]) -> dict:
   """ConvNorm {c: {kernel}, bn} -> {c: {kernel, bias}}."""
-  reparam.check_entries(params, stats, "c|bn", path, "c and bn")
   kernel, bias = reparam.fuse_conv_bn(params, stats, eps, path, conv="c")
+  reparam.check_entries(params, stats, "c|bn", path, "c and bn")
   return {"c": {"kernel": kernel, "bias": bias}}
 
 

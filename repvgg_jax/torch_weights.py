@@ -83,10 +83,10 @@ def map_state_dict(state_dict: Mapping[str, Any], shapes: Mapping, key_of, what:
   problems = [f"{label}: {_format(keys)}" for label, keys in (
       ("missing keys", missing), ("unexpected keys", set(state) - used), ("shape mismatches", mismatched)) if keys]
   if problems:
-    first = sorted(missing)[:1]
-    lead = (f"the state_dict lacks {first[0]}" + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else "")
-            if first else "the state_dict does not match")
-    raise ValueError(f"{what}: {lead}; " + "; ".join(problems))
+    lead = ""
+    if missing:  # The first one in words, then the lists.
+      lead = f"it lacks {min(missing)}" + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else "") + "; "
+    raise ValueError(f"{what}: {lead}" + "; ".join(problems))
   return variables
 
 
@@ -141,12 +141,12 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   family = families.family_of(name)
   state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()
                 if not k.endswith(_IGNORED_SUFFIX)}
-  # The naming and form whose keys the state_dict holds most of.
+  # The naming and form whose keys the state_dict holds most of; the strict check below names what differs.
   leaves = {form: _leaf_names(family, name, form, overrides) for form in (False, True)}
   candidates = [(label, form, {key: n for n in leaves[form] if (key := naming.key(n, form)) is not None})
                 for label, naming in family.namings.items() for form in (False, True)]
   label, is_deploy, keys = max(candidates, key=lambda c: len(set(c[2]) & set(state_dict)))
-  if len(set(keys) & set(state_dict)) * 2 < len(state_dict):
+  if not set(keys) & set(state_dict):
     missing = "" if "timm" in family.namings else f"; timm has no {family.network.__name__} naming"
     raise ValueError(f"{name}: the state_dict is in none of its family's namings ({', '.join(family.namings)})"
                      f"{missing}; its keys begin {_format(list(state_dict)[:3])}.")
@@ -166,7 +166,7 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
   naming = family.namings[label]
   form = "deploy" if is_deploy else "training-time"
   return map_state_dict(state_dict, shapes, lambda names: naming.key(names, is_deploy),
-                        f"The state_dict ({label} naming, {form}) of {name}", naming.absent)
+                        f"The state_dict ({label} naming, {form}) does not match {name}", naming.absent)
 
 
 def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:

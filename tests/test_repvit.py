@@ -80,7 +80,7 @@ def test_reparam_of_our_own_initialisation_gives_the_deploy_tree():
   x = jnp.zeros((1, 64, 64, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   expected = jax.eval_shape(deploy.init, jax.random.key(0), x)["params"]
-  got = jax.eval_shape(repvit.reparam, variables["params"], variables["batch_stats"])
+  got = jax.eval_shape(repvit.fuse, variables["params"], variables["batch_stats"])
   assert jax.tree.map(lambda a: a.shape, got) == jax.tree.map(lambda a: a.shape, expected)
 
 
