@@ -40,7 +40,9 @@ VARIANTS = {
 }
 TIMM_NAMES = {name: name.replace("MobileOne-S", "mobileone_s") for name in VARIANTS}
 TOP1 = {"MobileOne-S0": 71.4, "MobileOne-S1": 75.9, "MobileOne-S2": 77.4, "MobileOne-S3": 78.1,
-        "MobileOne-S4": 79.4}  # The paper's Table 2 (ImageNet top-1, %).
+        "MobileOne-S4": 79.4}  # The paper's Table 2 (ImageNet top-1, %),
+PARAMS_M = {"MobileOne-S0": "2.1", "MobileOne-S1": "4.8", "MobileOne-S2": "7.8", "MobileOne-S3": "10.1",
+            "MobileOne-S4": "14.8"}  # and its parameters (re-parameterized).
 
 
 def block_plan(num_blocks, width_multiplier, num_conv_branches: int = 1, se_blocks=(0, 0, 0, 0)) -> list[BlockSpec]:
@@ -154,4 +156,4 @@ FAMILY = plan.Family(
     name="mobileone", network=MobileOne, variants=VARIANTS, create=create, overridable=models.overridable(MobileOne),
     fuse_rules=(FUSE,), reparam=functools.partial(reparam.fuse_layers, rules=(FUSE,)),
     owns=lambda params: models.is_plain_stack(params, repvgg.BLOCKS, FUSE, lambda sizes: 1 in sizes),
-    namings=NAMINGS, decays=repvgg.official_decay, timm_names=TIMM_NAMES, top1=TOP1)
+    namings=NAMINGS, decays=repvgg.official_decay, timm_names=TIMM_NAMES, top1=TOP1, params_m=PARAMS_M)

@@ -66,7 +66,8 @@ class Family:
   ``owns(params)``: whether a params tree of either form is one of this family's. ``namings``: its PyTorch key
   namings ("official", "timm"; ``torch_weights.Naming``), both forms, in and out. ``decays(path, leaf)``: whether
   its recipe puts weight decay on a parameter (path: the leaf's names). ``timm_names``: official name -> timm's
-  model name, where timm has the variant; ``top1``: the published ImageNet top-1 (%), where known.
+  model name, where timm has the variant; ``top1``: the published ImageNet top-1 (%), and ``params_m``: the
+  published parameter count of the deploy form (millions, as printed: "8.31", "14.0"), where known.
   """
 
   name: str
@@ -81,3 +82,4 @@ class Family:
   decays: Callable[[tuple[str, ...], Any], bool]
   timm_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
   top1: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  params_m: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -66,6 +66,9 @@ TIMM_NAMES = {name: name.replace("RepVGG-", "repvgg_").lower() for name in VARIA
 TOP1 = {"RepVGG-A0": 72.41, "RepVGG-A1": 74.46, "RepVGG-A2": 76.48, "RepVGG-B0": 75.14, "RepVGG-B1": 78.37,
         "RepVGG-B1g2": 77.78, "RepVGG-B1g4": 77.58, "RepVGG-B2": 78.78, "RepVGG-B2g4": 79.38, "RepVGG-B3": 80.52,
         "RepVGG-B3g4": 80.21}
+PARAMS_M = {"RepVGG-A0": "8.31", "RepVGG-A1": "12.79", "RepVGG-A2": "25.50", "RepVGG-B0": "14.34", "RepVGG-B1": "51.83",
+            "RepVGG-B1g2": "41.36", "RepVGG-B1g4": "36.13", "RepVGG-B2": "80.32", "RepVGG-B2g4": "55.78",
+            "RepVGG-B3": "110.96", "RepVGG-B3g4": "75.63"}  # Deployed, the paper's Table 4.
 
 
 def block_plan(num_blocks, width_multiplier, groups: int = 1, use_se: bool = False) -> list[BlockSpec]:
@@ -201,4 +204,4 @@ FAMILY = plan.Family(
     name="repvgg", network=RepVGG, variants=VARIANTS, create=create, overridable=models.overridable(RepVGG),
     fuse_rules=(FUSE,), reparam=functools.partial(reparam.fuse_layers, rules=(FUSE,)),
     owns=lambda params: models.is_plain_stack(params, BLOCKS, FUSE, lambda sizes: sizes == {3}),
-    namings=NAMINGS, decays=official_decay, timm_names=TIMM_NAMES, top1=TOP1)
+    namings=NAMINGS, decays=official_decay, timm_names=TIMM_NAMES, top1=TOP1, params_m=PARAMS_M)

@@ -381,4 +381,6 @@ FAMILY = plan.Family(
     name="repvit", network=RepViT, variants=VARIANTS, create=create, overridable=OVERRIDABLE, fuse_rules=FUSE_RULES,
     reparam=fuse, owns=lambda params: "stem_conv1" in params,
     namings={"timm": torch_weights.Naming(timm_key, lambda key: True)}, decays=_decays,
-    timm_names={name: variant.timm_name for name, variant in VARIANTS.items()})
+    timm_names={name: variant.timm_name for name, variant in VARIANTS.items()},
+    params_m={"RepViT-M0.9": "5.1", "RepViT-M1.0": "6.8", "RepViT-M1.1": "8.2", "RepViT-M1.5": "14.0",
+              "RepViT-M2.3": "22.9"})  # As the paper reports them (the deploy form).

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
+from repvgg_jax import families
 from repvgg_jax.equivalence import check_equivalence
 from tests import wellposed
 from tests.helpers import random_variables
@@ -70,6 +71,17 @@ def test_parameter_counts_match_the_paper(name):
   train_m, deploy_m = PARAM_COUNTS_M[name]
   assert _count_m(_shapes(rv.create_model(name))["params"]) == pytest.approx(train_m, abs=0.01)
   assert _count_m(_shapes(rv.create_model(name, deploy=True))["params"]) == pytest.approx(deploy_m, abs=0.01)
+
+
+PUBLISHED = [(name, count) for family in families.FAMILIES for name, count in family.params_m.items()]
+
+
+@pytest.mark.parametrize("name,published", PUBLISHED)
+def test_every_published_count_in_the_registry_is_the_deploy_forms_to_its_printed_digits(name, published):
+  digits = len(published.split(".")[1])
+  count = _count_m(jax.eval_shape(rv.create_model(name, deploy=True).init, jax.random.key(0),
+                                  jnp.zeros((1, 64, 64, 3)))["params"])
+  assert abs(count - float(published)) <= 0.5 * 10 ** -digits + 1e-9, (name, count)
 
 
 def _counts_from_the_rules(depths, a, b, groups):

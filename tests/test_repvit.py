@@ -26,36 +26,41 @@ def float64_logits(name, variables, x, deploy=False, **kwargs):
     return jax.tree.map(np.asarray, jax.jit(model.apply)(variables, jnp.asarray(x, jnp.float64)))
 
 
-def well_posed_timm(name):
+def well_posed_timm(name, depths=None):
+  """timm's model of ``name`` (its stages ``depths`` blocks deep where given) as a well-posed network."""
   torch.manual_seed(0)
-  model = timm.create_model(repvit.VARIANTS[name].timm_name, num_classes=10)
+  model = timm.create_model(repvit.VARIANTS[name].timm_name, num_classes=10, **({"depth": depths} if depths else {}))
   return wellposed.well_posed_torch(model, IMAGE)
 
 
-@pytest.mark.parametrize("name", ["RepViT-M0.9", pytest.param("RepViT-M1.5", marks=pytest.mark.slow)])
-def test_both_forms_give_timms_logits_and_a_broken_model_does_not(name):
-  model = well_posed_timm(name)
+# Every block kind at M0.9's widths, two blocks a stage (SE and none); every variant at full depth in the slow
+# case and in benchmarks/repvit_table.py.
+@pytest.mark.parametrize("name,depths", [("RepViT-M0.9", (2, 2, 2, 2)),
+                                         pytest.param("RepViT-M1.5", None, marks=pytest.mark.slow)])
+def test_both_forms_give_timms_logits_and_a_broken_model_does_not(name, depths):
+  model = well_posed_timm(name, depths)
+  shape = {"depths": depths} if depths else {}
   x = wellposed.images((4, 64, 64, 3), seed=1)
   expected = wellposed.torch_logits(model, x)
-  variables = rv.load_pytorch_state_dict(model.state_dict(), name)
-  wellposed.assert_equal_functions(float64_logits(name, variables, x), expected)
+  variables = rv.load_pytorch_state_dict(model.state_dict(), name, **shape)
+  wellposed.assert_equal_functions(float64_logits(name, variables, x, **shape), expected)
   with jax.enable_x64(True):
     as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     plain = jax.tree.map(np.asarray, repvit.fuse(as64["params"], as64["batch_stats"]))
-  wellposed.assert_equal_functions(float64_logits(name, {"params": plain}, x, deploy=True), expected)
+  wellposed.assert_equal_functions(float64_logits(name, {"params": plain}, x, deploy=True, **shape), expected)
   # timm's fused model holds float32 weights (its fuse makes new float32 layers): its own logits are the reference.
   fused = reparameterize_model(model).double()
-  loaded = rv.load_pytorch_state_dict(fused.state_dict(), name)
-  wellposed.assert_equal_functions(float64_logits(name, loaded, x, deploy=True), wellposed.torch_logits(fused, x))
-  # Mutations: kh and kw swapped; the FFN's residual dropped (a deploy block's output without its input).
+  loaded = rv.load_pytorch_state_dict(fused.state_dict(), name, **shape)
+  wellposed.assert_equal_functions(float64_logits(name, loaded, x, deploy=True, **shape), wellposed.torch_logits(fused, x))
+  # Mutations: kh and kw swapped, a wrong BN epsilon, the token mixer's identity dropped.
   swapped = jax.tree.map(lambda a: np.swapaxes(a, 0, 1) if a.ndim == 4 else a, plain)
-  wellposed.assert_caught(float64_logits(name, {"params": swapped}, x, deploy=True), expected)
-  wellposed.assert_caught(float64_logits(name, variables, x, bn_epsilon=wellposed.WRONG_EPSILON), expected)
+  wellposed.assert_caught(float64_logits(name, {"params": swapped}, x, deploy=True, **shape), expected)
+  wellposed.assert_caught(float64_logits(name, variables, x, bn_epsilon=wellposed.WRONG_EPSILON, **shape), expected)
   no_identity = {**plain, "stages_0_blocks_0": {**plain["stages_0_blocks_0"], "token_mixer": {"conv": {
       "kernel": plain["stages_0_blocks_0"]["token_mixer"]["conv"]["kernel"] - np.asarray(
           identity_kernel(repvit.VARIANTS[name].widths[0], repvit.VARIANTS[name].widths[0], np.float32)),
       "bias": plain["stages_0_blocks_0"]["token_mixer"]["conv"]["bias"]}}}}
-  wellposed.assert_caught(float64_logits(name, {"params": no_identity}, x, deploy=True), expected)
+  wellposed.assert_caught(float64_logits(name, {"params": no_identity}, x, deploy=True, **shape), expected)
 
 
 @pytest.mark.parametrize("name", list(repvit.VARIANTS))
