@@ -36,8 +36,9 @@ def family_of(name: str) -> plan.Family:
 
 
 def fuse_rules() -> tuple[plan.FuseRule, ...]:
-  """Every family's block kinds' fuse rules, family by family."""
-  return tuple(rule for family in FAMILIES for rule in family.fuse_rules)
+  """Every family's block kinds' fuse rules, the last family's first: a family built on an earlier one's block
+  (RepVGGplus's and QARepVGG's on RepVGG's) claims its own blocks before the earlier family's rule can."""
+  return tuple(rule for family in reversed(FAMILIES) for rule in family.fuse_rules)
 
 
 def timm_name(name: str) -> Optional[str]:

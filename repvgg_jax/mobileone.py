@@ -137,7 +137,7 @@ TIMM_RENAMES = {"rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "
 def apple_key(names: tuple[str, ...], deploy: bool = False) -> str:
   """('params', 'stage1_0', 'rbr_conv_2', 'conv', 'kernel') -> 'stage1.0.rbr_conv.2.conv.weight'."""
   del deploy
-  return repvgg.official_key(names, APPLE_RENAMES)
+  return re.sub(r"\.rbr_conv_(\d+)\.", r".rbr_conv.\1.", repvgg.official_key(names, APPLE_RENAMES))
 
 
 NAMINGS = {"official": torch_weights.Naming(apple_key, repvgg.LINEAR.match),

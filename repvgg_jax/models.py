@@ -105,14 +105,9 @@ def branches_se_relu(block: nn.Module, x, train: bool, conv_names, kernel_size: 
   return nn.relu(y)
 
 
-def post_se(block: nn.Module, y):
-  """RepVGGplus's SE after the ReLU (``post_se``, C -> C/4 -> C) where ``block.post_se``; else ``y``."""
-  return SEBlock(reduction=4, dtype=block.dtype, name="post_se")(y) if block.post_se else y
-
-
 class PlainBlock(nn.Module):
-  """The deploy-time block of every family: ReLU(SE(convkxk(x) + bias)), then post SE where RepVGGplus has it.
-  (N, H, W, Cin) -> (N, H/s, W/s, features)."""
+  """The deploy-time block of the plain stacks: ReLU(SE(convkxk(x) + bias)). (N, H, W, Cin) -> (N, H/s, W/s,
+  features)."""
 
   features: int
   strides: int = 1
@@ -120,7 +115,6 @@ class PlainBlock(nn.Module):
   use_se: bool = False
   dtype: Any = jnp.float32
   kernel_size: int = 3
-  post_se: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -129,19 +123,17 @@ class PlainBlock(nn.Module):
              name="rbr_reparam")(x)
     if self.use_se:
       y = SEBlock(dtype=self.dtype, name="se")(y)
-    return post_se(self, nn.relu(y))
+    return nn.relu(y)
 
 
 def emit_plain_block(graph, x: str, path: str, *, features: int, strides: int, groups: int, use_se: bool,
-                     kernel_size: int, post_se: bool) -> str:
-  """``PlainBlock`` as ONNX nodes: Conv (the fused kernel and bias, the block's stride and groups), SE, Relu,
-  post SE."""
+                     kernel_size: int) -> str:
+  """``PlainBlock`` as ONNX nodes: Conv (the fused kernel and bias, the block's stride and groups), SE, Relu."""
   del features, kernel_size  # The fused kernel's shape holds both.
   y = graph.conv(x, f"{path}/rbr_reparam", strides, groups)
   if use_se:
     y = graph.squeeze_excite(y, f"{path}/se", "down", "up")
-  y = graph.relu(y, f"{path}/relu")
-  return graph.squeeze_excite(y, f"{path}/post_se", "down", "up") if post_se else y
+  return graph.relu(y, f"{path}/relu")
 
 
 PLAIN = BlockKind(PlainBlock, emit_plain_block)
@@ -187,7 +179,7 @@ class Network(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """One block of a plain stack: its parameter-tree name, output channels, stride, groups, kernel size, number of
-  kxk conv branches and whether it has SE (before or after its ReLU)."""
+  kxk conv branches and whether it has SE (before its ReLU)."""
   name: str
   features: int
   strides: int
@@ -195,7 +187,6 @@ class BlockSpec:
   kernel_size: int = 3
   num_conv_branches: int = 1
   use_se: bool = False
-  post_se: bool = False  # SE (C -> C/4 -> C) after the ReLU.
 
   @property
   def stage(self) -> int:
@@ -220,9 +211,9 @@ class PlainStackNetwork(Network):
 
   def deploy_plan(self) -> list[Layer]:
     """The plain network's blocks, one ``PlainBlock`` per block of ``plan()``."""
-    return [Layer(PLAIN, spec.name, spec.stage, dict(
-        features=spec.features, strides=spec.strides, groups=spec.groups, use_se=spec.use_se,
-        kernel_size=spec.kernel_size, post_se=spec.post_se)) for spec in self.plan()]
+    return [Layer(PLAIN, spec.name, spec.stage, dict(features=spec.features, strides=spec.strides, groups=spec.groups,
+                                                      use_se=spec.use_se, kernel_size=spec.kernel_size))
+            for spec in self.plan()]
 
   def training_block(self, spec: BlockSpec, norm: Callable[..., nn.Module]) -> nn.Module:
     raise NotImplementedError

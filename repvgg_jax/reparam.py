@@ -213,7 +213,7 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
   rbr_identity, se} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}, se}. ``path`` names the block in errors."""
   from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports every family's rules.
   rules = families.fuse_rules()
-  rule = next((r for r in rules if r.claims(block_params)), rules[0])  # The first rule's checks name the problem.
+  rule = next((r for r in rules if r.claims(block_params)), rules[-1])  # The first family's checks name the problem.
   return rule.fuse(block_params, block_stats, eps, path)
 
 

@@ -96,7 +96,7 @@ def block_plan(num_blocks, width_multiplier, groups: int = 1, use_se: bool = Fal
 
 
 class RepVGGBlock(nn.Module):
-  """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))), RepVGGplus's post SE after it.
+  """The training-time block: ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))).
 
   The identity branch exists only where input and output channels match and the stride is 1; the 1x1
   branch has padding 0 and the 3x3 branch's stride and groups. (N, H, W, Cin) -> (N, H/s, W/s, features).
@@ -108,29 +108,27 @@ class RepVGGBlock(nn.Module):
   use_se: bool = False
   norm: Callable[..., nn.Module] = batch_norm()
   dtype: Any = jnp.float32
-  post_se: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = models.branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
-    return models.post_se(self, y)
+    return models.branches_se_relu(self, x, train, ["rbr_dense"], 3, "rbr_1x1", "rbr_identity")
 
 
-_BLOCK_ENTRIES = r"rbr_dense|rbr_1x1|rbr_identity|se|post_se"
+_BLOCK_ENTRIES = r"rbr_dense|rbr_1x1|rbr_identity|se"
 
 
 def fuse_block(params: Mapping, stats: Optional[Mapping], eps: float, path: tuple[str, ...]) -> dict:
-  """A RepVGG block {rbr_dense: {conv, bn}, rbr_1x1: {conv, bn}, rbr_identity (a BN, optional), se, post_se
-  (optional)} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}} plus its SE layers unchanged."""
+  """A RepVGG block {rbr_dense: {conv, bn}, rbr_1x1: {conv, bn}, rbr_identity (a BN, optional), se (optional)}
+  -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}} plus ``se`` unchanged."""
   stats = stats or {}
-  reparam.check_entries(params, stats, _BLOCK_ENTRIES, path, "rbr_dense, rbr_1x1, rbr_identity, se and post_se")
+  reparam.check_entries(params, stats, _BLOCK_ENTRIES, path, "rbr_dense, rbr_1x1, rbr_identity and se")
   branch = lambda name: (name, *reparam.conv_bn(reparam.child(params, name, path), stats.get(name), path + (name,)))
   identity = None
   if "rbr_identity" in params:
     identity = ("rbr_identity", reparam.batch_norm(params["rbr_identity"], stats.get("rbr_identity"),
                                                    path + ("rbr_identity",)))
   kernel, bias = reparam.fuse_branches(path, [branch("rbr_dense")], [branch("rbr_1x1")], identity, eps)
-  kept = {k: reparam.carry_over(params[k], stats.get(k), path + (k,)) for k in ("se", "post_se") if k in params}
+  kept = {"se": reparam.carry_over(params["se"], stats.get("se"), path + ("se",))} if "se" in params else {}
   return {"rbr_reparam": {"kernel": kernel, "bias": bias}, **kept}
 
 
@@ -162,13 +160,17 @@ TIMM_RENAMES = {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": 
                 "rbr_reparam": "reparam_conv", "se": "attn", "down": "fc1", "up": "fc2"}
 
 
-def official_key(names: tuple[str, ...], renames: Mapping[str, str] = {}, blocks: str = r"\1.\2") -> str:  # pylint: disable=dangerous-default-value
+BLOCK_KEY = (r"^(stage\d)_(\d+)$", r"\1.\2")  # A block's Flax name -> its PyTorch one: stage1_0 -> stage1.0.
+
+
+def official_key(names: tuple[str, ...], renames: Optional[Mapping[str, str]] = None,
+                 block_key: tuple[str, str] = BLOCK_KEY) -> str:
   """A Flax leaf's names (collection first) -> the official key: ('params', 'stage1_0', 'rbr_dense', 'conv',
-  'kernel') -> 'stage1.0.rbr_dense.conv.weight'; ``renames`` maps Flax name pieces to the official ones, ``blocks``
-  writes a block's stage and index (RepVGGplus: 'stage1.blocks.0')."""
-  block = re.sub(r"^(stage\d(?:_first|_second)?)_(\d+)$", blocks, names[1])
-  middle = (re.sub(r"^rbr_conv_(\d+)$", r"rbr_conv.\1", renames.get(p, p)) for p in names[2:-1])
-  return ".".join((block, *middle, torch_weights.LEAF_TO_TORCH[names[-1]]))
+  'kernel') -> 'stage1.0.rbr_dense.conv.weight'; ``renames`` maps Flax name pieces to the official ones,
+  ``block_key`` (a regex and its replacement) writes a block's name."""
+  block = re.sub(*block_key, names[1])
+  renames = renames or {}
+  return ".".join((block, *(renames.get(p, p) for p in names[2:-1]), torch_weights.LEAF_TO_TORCH[names[-1]]))
 
 
 def official_to_timm(key: str, renames: Mapping[str, str] = TIMM_RENAMES) -> str:

@@ -182,7 +182,8 @@ def _eval_pair(name, size=32, batch=2, num_classes=10, seed=0):
 # (MobileOne-S4: logits ~8e3, float32 rounding amplified to ~1e-1; reduced D2se over 1e-5 once the emulation took
 # the plain convolutions): their equality is checked in float64, and SE's precision handling on random-statistics
 # networks (tests/test_equivalence.py).
-PRODUCTION_CHECKED = ["RepVGG-A0", "RepVGG-B1g4", "QARepVGG-B1g4"]
+# B1g4 (groups) slow: A0 holds the property at CI's cost, QARepVGG-B1g4 the grouped layout.
+PRODUCTION_CHECKED = ["RepVGG-A0", pytest.param("RepVGG-B1g4", marks=pytest.mark.slow), "QARepVGG-B1g4"]
 
 
 @pytest.mark.parametrize("name", PRODUCTION_CHECKED)
