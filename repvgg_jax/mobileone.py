@@ -97,7 +97,7 @@ def fuse_block(params: Mapping, stats: Optional[Mapping], eps: float, path: tupl
   branch = lambda name: (name, *reparam.conv_bn(params[name], stats.get(name), path + (name,)))
   convs = [branch(k) for k in sorted((k for k in params if _CONV.fullmatch(k)), key=lambda k: (len(k), k))]
   if not convs:
-    raise ValueError(f"Block {'/'.join(path)!r} is missing its 'rbr_conv_0' branch.")
+    raise ValueError(f"Block {reparam.join_path(path)!r} is missing its 'rbr_conv_0' branch.")
   identity = None
   if "rbr_skip" in params:
     identity = ("rbr_skip", reparam.batch_norm(params["rbr_skip"], stats.get("rbr_skip"), path + ("rbr_skip",)))

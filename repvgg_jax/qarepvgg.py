@@ -56,14 +56,14 @@ def fuse_block(params: Mapping, stats: Optional[Mapping], eps: float, path: tupl
   kernel, bias = reparam.fuse_bn(kernel, *bn3, eps=eps)
   k1 = reparam.child(reparam.child(params, "rbr_1x1", path), "kernel", path + ("rbr_1x1",))
   if k1.shape != (1, 1) + kernel.shape[2:]:
-    raise ValueError(f"Block {'/'.join(path)!r}: rbr_dense kernel {kernel.shape} and rbr_1x1 kernel {k1.shape} do "
+    raise ValueError(f"Block {reparam.join_path(path)!r}: rbr_dense kernel {kernel.shape} and rbr_1x1 kernel {k1.shape} do "
                      f"not form a block (expected (1, 1) + {kernel.shape[2:]}).")
   kernel = kernel + reparam.pad_1x1_to_3x3(k1)
   if "rbr_identity" in stats:
     in_per_group, channels = kernel.shape[2:]
     gain = stats["rbr_identity"]
     if jnp.shape(gain) != (channels,) or channels % in_per_group:
-      raise ValueError(f"Block {'/'.join(path)!r} has an identity (batch_stats 'rbr_identity' of shape "
+      raise ValueError(f"Block {reparam.join_path(path)!r} has an identity (batch_stats 'rbr_identity' of shape "
                        f"{jnp.shape(gain)}) but its kernel {kernel.shape} does not map {channels} channels to "
                        "themselves.")
     kernel = kernel + reparam.identity_kernel(channels, channels // in_per_group, kernel.dtype) * gain

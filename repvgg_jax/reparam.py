@@ -76,27 +76,28 @@ def identity_kernel(channels: int, groups: int = 1, dtype: Any = jnp.float32, si
   return jnp.zeros((size, size, per_group, channels), dtype).at[size // 2, size // 2, out % per_group, out].set(1)
 
 
-def _join(path: tuple[str, ...]) -> str:
+def join_path(path: tuple[str, ...]) -> str:
+  """A tree path for messages: ("stage1_0", "rbr_dense") -> "stage1_0/rbr_dense"."""
   return "/".join(path) or "<root>"
 
 
 def child(tree, key: str, path: tuple[str, ...], what: str = "params"):
   """``tree[key]``, or a ValueError naming ``path/key`` as missing from ``what`` (params or batch_stats)."""
   if not isinstance(tree, Mapping) or key not in tree:
-    raise ValueError(f"{what} is missing {_join(path + (key,))!r}.")
+    raise ValueError(f"{what} is missing {join_path(path + (key,))!r}.")
   return tree[key]
 
 
 def _check_channels(bn: BatchNorm, channels: int, path: tuple[str, ...]) -> None:
   for name, leaf in zip(("scale", "bias", "mean", "var"), bn):
     if jnp.shape(leaf) != (channels,):
-      raise ValueError(f"{_join(path + (name,))!r} has shape {jnp.shape(leaf)}; expected ({channels},) "
+      raise ValueError(f"{join_path(path + (name,))!r} has shape {jnp.shape(leaf)}; expected ({channels},) "
                        "to match the branch's output channels.")
 
 
 def _stats(stats: Optional[Mapping], path: tuple[str, ...]) -> Mapping:
   if stats is None:
-    raise ValueError(f"batch_stats is missing {_join(path)!r}: params without their batch_stats "
+    raise ValueError(f"batch_stats is missing {join_path(path)!r}: params without their batch_stats "
                      "(pass variables['batch_stats'] from the same model).")
   return stats
 
@@ -135,17 +136,17 @@ def fuse_branches(path: tuple[str, ...], convs: Sequence[tuple[str, Any, BatchNo
   (name, BN; the identity kernel of the kernel's groups). Returns (kernel (k, k, I, O), bias (O,)); shapes that do
   not form one block raise ValueError naming the block at ``path``."""
   if not convs:
-    raise ValueError(f"Block {_join(path)!r} has no k x k conv branch.")
+    raise ValueError(f"Block {join_path(path)!r} has no k x k conv branch.")
   kernel = bias = None
   for name, k, bn in convs:
     if kernel is not None and k.shape != kernel.shape:
-      raise ValueError(f"Block {_join(path)!r}: {name} kernel {k.shape} differs from {convs[0][0]}'s {kernel.shape}.")
+      raise ValueError(f"Block {join_path(path)!r}: {name} kernel {k.shape} differs from {convs[0][0]}'s {kernel.shape}.")
     k, b = fuse_bn(k, *bn, eps=eps)
     kernel, bias = (k, b) if kernel is None else (kernel + k, bias + b)
   size, (in_per_group, channels) = kernel.shape[0], kernel.shape[2:]
   for name, k1, bn1 in small:
     if k1.shape != (1, 1) + kernel.shape[2:]:
-      raise ValueError(f"Block {_join(path)!r}: {convs[0][0]} kernel {kernel.shape} and {name} kernel {k1.shape} do "
+      raise ValueError(f"Block {join_path(path)!r}: {convs[0][0]} kernel {kernel.shape} and {name} kernel {k1.shape} do "
                        f"not form a block (expected (1, 1, {in_per_group}, {channels})).")
     k1, b1 = fuse_bn(pad_to_center(k1, size), *bn1, eps=eps)
     kernel, bias = kernel + k1, bias + b1
@@ -153,7 +154,7 @@ def fuse_branches(path: tuple[str, ...], convs: Sequence[tuple[str, Any, BatchNo
     name, bn_id = identity
     _check_channels(bn_id, channels, path + (name,))
     if channels % in_per_group:
-      raise ValueError(f"Block {_join(path)!r} has an identity branch but its kernel {kernel.shape} does not map "
+      raise ValueError(f"Block {join_path(path)!r} has an identity branch but its kernel {kernel.shape} does not map "
                        f"{channels} channels to themselves.")
     kernel_id, bias_id = fuse_bn(identity_kernel(channels, channels // in_per_group, kernel.dtype, size), *bn_id,
                                  eps=eps)
@@ -167,10 +168,10 @@ def check_entries(params: Mapping, stats: Optional[Mapping], allowed: str, path:
   message), and its batch_stats only entries its params have."""
   unknown = sorted(k for k in params if not re.fullmatch(allowed, k))
   if unknown:
-    raise ValueError(f"Block {_join(path)!r} has unexpected entries {unknown}; it holds {holds}.")
+    raise ValueError(f"Block {join_path(path)!r} has unexpected entries {unknown}; it holds {holds}.")
   extra = sorted(set(stats or {}) - set(params))
   if extra:
-    raise ValueError(f"batch_stats has {[_join(path + (k,)) for k in extra]} with no matching params.")
+    raise ValueError(f"batch_stats has {[join_path(path + (k,)) for k in extra]} with no matching params.")
 
 
 def carry_over(params, stats: Optional[Mapping], path: tuple[str, ...]):
@@ -178,7 +179,7 @@ def carry_over(params, stats: Optional[Mapping], path: tuple[str, ...]):
   if isinstance(params, Mapping):
     return {k: carry_over(v, (stats or {}).get(k), path + (k,)) for k, v in params.items()}
   if stats is not None:
-    raise ValueError(f"batch_stats has {_join(path)!r} where params hold an array.")
+    raise ValueError(f"batch_stats has {join_path(path)!r} where params hold an array.")
   return params
 
 

@@ -57,16 +57,10 @@ def _post_se(block: nn.Module, y):
   return models.SEBlock(reduction=4, dtype=block.dtype, name="post_se")(y)
 
 
-class RepVGGplusBlock(nn.Module):
-  """The training-time block: RepVGG's, ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)), then the post SE.
-  (N, H, W, Cin) -> (N, H/s, W/s, features)."""
-
-  features: int
-  strides: int = 1
-  groups: int = 1
-  norm: Callable[..., nn.Module] = batch_norm()
-  dtype: Any = jnp.float32
-  use_se = False  # No SE before the ReLU (``models.branches_se_relu`` reads it).
+class RepVGGplusBlock(repvgg.RepVGGBlock):
+  """The training-time block: RepVGG's (its fields; ``use_se`` stays False, RepVGGplus has no SE before the
+  ReLU), ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)), then the post SE. (N, H, W, Cin) -> (N, H/s, W/s,
+  features)."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
