@@ -1,22 +1,32 @@
-"""The accelerator check: tests, the bench table and the backend-path measurements, on one GPU, in one go.
+"""The accelerator check: what a lent GPU runs, from the checkout, in one command that fits the loan.
 
-  python benchmarks/gpu_check.py            # on an H100/H200 with JAX, torch and timm (TensorFlow not needed)
-  python benchmarks/gpu_check.py --smoke    # anywhere: tiny sizes, float32 only, proves the script runs
+  python benchmarks/gpu_check.py --out=$OUT            # on an H100/H200: <= 8 minutes, compilation included
+  python benchmarks/gpu_check.py --smoke --out=/tmp/c  # anywhere (the CPU): every part at tiny sizes
 
-1. The model, reparam, equivalence, backend and export tests, with TensorFlow blocked (tests/no_tensorflow.py).
-2. The bench at the paper's protocol (batch 128, 224 px), float32 and bfloat16, against timm on the same
-   device, eager and torch.compile'd, with the equivalence error at HIGHEST precision.
-3. The backend paths: deploy throughput with the CPU-only paths (backend.SPECIAL_PATHS) and the unfused
-   bias (backend.UNFUSED_BIAS) switched on for this backend, and the cuDNN calls in XLA's optimized HLO.
-4. The paper's headline at its protocol: Table 4's pairs (RepVGG deploy vs ResNet, BN folded; and timm's pair)
-   at batch 128 and batch 1, float32 and bfloat16, and the peak activation memory at batch 1, 32, 128.
-Prints a short summary table last. Numbers go into benchmarks/RESULTS.md with the card's name.
+Runs on the GPU machines' image as it is (jax with CUDA, flax, optax, chex, orbax-checkpoint, torch, timm, pytest,
+onnx, onnxruntime; no TensorFlow, tensorflow-datasets, ml_collections or qwix, and nothing can be installed): the
+repository is put on sys.path, not installed. JAX allocates GPU memory as it needs it (no preallocation), so torch
+and JAX share the card. Parts, in priority order; each starts only while the time budget (--budget_s) allows, and
+the report (OUT/gpu_check.md) is rewritten after each, so a run cut short keeps what it measured:
+
+1. The model, reparam, equivalence, backend and export tests, serially (one process on the one GPU) at the device's
+   default precision, with TensorFlow, tensorflow-datasets, ml_collections and qwix blocked (tests/no_tensorflow.py)
+   as the image lacks them; the log in OUT/tests.log.
+2. RepVGG-A0 and RepVGG-B3 at the paper's protocol (batch 128, 224 px), float32 and bfloat16: training form, deploy
+   form, timm eager and torch.compile'd, the training step of both, and the train/deploy error at HIGHEST.
+3. Table 4's pairs at batch 128, float32 (RepVGG deploy vs ResNet with BN folded; timm's pair beside).
+4. Whatever time remains: the backend paths (the CPU-only paths and the unfused bias timed on this device, with
+   the cuDNN calls XLA chose) and Figure 3's peak activation memory.
+
+--tests=collect only collects part 1's tests in the blocked environment (CI: the default suite runs them); the
+smoke run's sizes are 2 images of 64 px and float32 only.
 """
 
 import argparse
 import collections
 import functools
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -24,19 +34,84 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Before JAX starts: memory on demand, so that torch's allocator gets its share of the same card.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 TESTS = ["tests/test_models.py", "tests/test_reparam.py", "tests/test_equivalence.py", "tests/test_backend.py",
          "tests/test_export.py"]
+NOT_ON_THE_IMAGE = "ml_collections,qwix"  # Beside TensorFlow and tensorflow-datasets, which no_tensorflow blocks.
+PAIR_MODELS = ("RepVGG-A0", "RepVGG-B3")
 
 
-def run_tests(smoke: bool) -> str:
-  command = [sys.executable, "tests/no_tensorflow.py", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-  command += ["tests/test_equivalence.py", "-k", "bn_epsilon_twice"] if smoke else TESTS
+class Report:
+  """The check's markdown report, rewritten to ``path`` after every part."""
+
+  def __init__(self, path: str, start: float):
+    self.path, self.start, self.sections = path, start, []
+
+  def elapsed(self) -> float:
+    return time.time() - self.start
+
+  def add(self, title: str, body: str) -> None:
+    self.sections.append(f"## {title} ({self.elapsed():.0f} s in)\n\n{body}\n")
+    with open(self.path, "w") as f:
+      f.write("\n".join(self.sections))
+    print(f"\n## {title} ({self.elapsed():.0f} s in)\n\n{body}", flush=True)
+
+
+def cpu_description() -> str:
+  """The host CPU's model and the vector extensions that decide CPU speed (DESIGN: every CPU figure names them)."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+  except OSError:
+    pass
+  wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+  return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(f for f in wanted if f in flags) or 'none of avx2/avx512/vnni/amx'}"
+
+
+def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
+  """Part 1: pytest on TESTS, one process, the packages the image lacks blocked; the summary line."""
+  command = [sys.executable, os.path.join("tests", "no_tensorflow.py"), f"--also={NOT_ON_THE_IMAGE}", "-m", "pytest",
+             "-n", "0", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra -m 'not slow'", *TESTS]
+  if mode == "collect":
+    command.append("--collect-only")
   start = time.time()
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-  summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-  print(result.stdout[-4000:], result.stderr[-2000:], sep="\n", flush=True)
-  return f"{summary} ({time.time() - start:.0f} s)"
+  with open(log_path, "w") as log:
+    try:
+      code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                            check=False).returncode
+    except subprocess.TimeoutExpired:
+      code = None
+  with open(log_path) as log:
+    lines = [line.strip() for line in log if line.strip()]
+  summary = next((line for line in reversed(lines) if re.search(r"\b(passed|failed|error|tests? collected)\b", line)),
+                 "(no summary)")
+  failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+  status = f"stopped at the {timeout_s:.0f} s limit" if code is None else f"exit status {code}"
+  return "\n".join([f"`{summary}` ({status}, {time.time() - start:.0f} s)", *(f"- {line}" for line in failed)])
+
+
+def forms_table(rows: list[dict]) -> str:
+  """Part 2's rows as one table: images/s of each form and engine, the steps, and the HIGHEST-precision error."""
+  from repvgg_jax import bench  # pylint: disable=g-import-not-at-top
+  lines = [bench.format_table(rows), "",
+           "| model | dtype | deploy / train | deploy / timm deploy | deploy / compiled timm deploy | "
+           "JAX step / timm step | train vs deploy, max rel err (HIGHEST) |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    rate = lambda key: r[key]["img_s"] if key in r else None  # pylint: disable=cell-var-from-loop
+    ratio = lambda a, b: f"{rate(a) / rate(b):.2f}x" if rate(a) and rate(b) else "-"
+    lines.append(f"| {r['model']} | {r['dtype']} | {ratio('jax deploy', 'jax train')} | "
+                 f"{ratio('jax deploy', 'torch deploy')} | {ratio('jax deploy', 'torch compiled deploy')} | "
+                 f"{ratio('jax step', 'torch step')} | {r['equivalence']:.1e} |")
+  return "\n".join(lines)
 
 
 def cudnn_calls(model, variables, x) -> str:
@@ -47,13 +122,14 @@ def cudnn_calls(model, variables, x) -> str:
   return ", ".join(f"{k.removeprefix('__cudnn$')} x{v}" for k, v in sorted(counts.items())) or "none"
 
 
-def backend_paths(names, batch: int, size: int, repeats: int, dtypes) -> list[str]:
-  """Deploy img/s per backend setting, each timed interleaved with the default in one run."""
+def backend_paths(names, batch: int, size: int, repeats: int, dtypes) -> str:
+  """Deploy img/s with each of the backend module's measures switched on for this device's platform, timed
+  interleaved with the default in one run."""
   import jax  # pylint: disable=g-import-not-at-top
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
   from repvgg_jax import backend, bench  # pylint: disable=g-import-not-at-top
 
-  here = jax.default_backend()
+  here = jax.export.default_export_platform()
   settings = {"default": {}, "CPU paths": {"SPECIAL_PATHS": backend.SPECIAL_PATHS | {here}},
               "unfused bias": {"UNFUSED_BIAS": backend.UNFUSED_BIAS | {here}}}
   lines = ["| model | dtype | " + " | ".join(f"{s} img/s" for s in settings) + " | cuDNN calls (default) |",
@@ -77,53 +153,67 @@ def backend_paths(names, batch: int, size: int, repeats: int, dtypes) -> list[st
       rates = [batch / sorted(t)[len(t) // 2] for t in times.values()]
       lines.append(f"| {name} | {dtype} | " + " | ".join(f"{r:,.0f}" for r in rates)
                    + f" | {cudnn_calls(deploy, params, x)} |")
-  return lines
+  return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--smoke", action="store_true", help="tiny sizes, no torch.compile: proves the script runs")
-  parser.add_argument("--models", default="RepVGG-A0,RepVGG-B0,RepVGG-B1g4,RepVGG-B3")
+  parser.add_argument("--out", required=True, help="folder for gpu_check.md (the report) and tests.log")
+  parser.add_argument("--smoke", action="store_true", help="every part at tiny sizes (the CPU, minutes)")
+  parser.add_argument("--tests", choices=("run", "collect"), default="run")
+  parser.add_argument("--budget_s", type=float, default=330.0, help="no part starts after this many seconds")
+  parser.add_argument("--tests_limit_s", type=float, default=200.0, help="part 1 is stopped after this long")
   args = parser.parse_args()
-  start = time.time()
-  tests = run_tests(args.smoke)
+  os.makedirs(args.out, exist_ok=True)
+  report = Report(os.path.join(args.out, "gpu_check.md"), time.time())
+  tests = run_tests(args.tests, args.tests_limit_s, os.path.join(args.out, "tests.log"))
 
   import jax  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   from repvgg_jax import bench  # pylint: disable=g-import-not-at-top
 
-  names = ["RepVGG-A0"] if args.smoke else args.models.split(",")
-  batch, size, repeats = (2, 64, 2) if args.smoke else (128, 224, 20)
+  versions = f"jax {jax.__version__}"
   vs_torch = importlib.util.find_spec("timm") is not None
+  if vs_torch:
+    import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    versions += f", torch {torch.__version__}, timm {timm.__version__}"
   engines = ("jax", "torch") if vs_torch else ("jax",)
+  batch, size, repeats = (2, 64, 2) if args.smoke else (128, 224, 10)
   dtypes = ("float32",) if args.smoke else ("float32", "bfloat16")
-  rows = []
-  for name in names:
-    for dtype in dtypes:
-      rows.append(bench.bench_one(name, batch, size, dtype, repeats, engines,
-                                  torch_compile=vs_torch and not args.smoke))
-      print(f"done: {name} {dtype} ({time.time() - start:.0f} s)", flush=True)
-  paths = backend_paths(["RepVGG-A0"] if args.smoke else ["RepVGG-A0", "RepVGG-B3"], batch, size, repeats, dtypes)
-  pairs = bench.PAPER_PAIRS[:1] if args.smoke else bench.PAPER_PAIRS
-  pair_rows = [bench.bench_pair(*pair, b, size, dtype, repeats, engines)
-               for pair in pairs for b in (1, batch) for dtype in dtypes]
-  pair_models = list(dict.fromkeys(name for pair in pairs for name in pair))
-  memory = bench.activation_memory(pair_models, (1, 2) if args.smoke else (1, 32, 128), size)
-  print(f"done: pairs and memory ({time.time() - start:.0f} s)", flush=True)
+  report.add("Device", f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {versions}; host: "
+                       f"{cpu_description()}; {'smoke sizes' if args.smoke else f'batch {batch}, {size} px'}")
+  report.add("1. Tests (serial, the image's packages, the device's default precision)", tests)
 
-  print(f"\n## {jax.devices()[0].device_kind}: jax {jax.__version__}, batch {batch}, {size} px\n")
-  print(bench.format_table(rows))
-  print("\n" + "\n".join(paths))
-  print(f"\n### The paper's pairs (Table 4: 1080Ti, batch 128, fp32)\n\n{bench.format_pairs(pair_rows)}")
-  print(f"\n### Peak activation memory (float32)\n\n{memory}")
-  print(f"\n## Summary ({time.time() - start:.0f} s in all)\n\ntests: {tests}\n")
-  print("| model | dtype | deploy/train | deploy ours/timm | deploy ours/compiled timm | max rel err (HIGHEST) |")
-  print("|---|---|---|---|---|---|")
-  for r in rows:
-    deploy = r["jax deploy"]["img_s"]
-    ratio = lambda key: f"{deploy / r[key]['img_s']:.2f}x" if key in r else "-"  # pylint: disable=cell-var-from-loop
-    print(f"| {r['model']} | {r['dtype']} | {deploy / r['jax train']['img_s']:.2f}x | {ratio('torch deploy')} | "
-          f"{ratio('torch compiled deploy')} | {r['equivalence']:.1e} |")
+  def time_left(part: str) -> bool:
+    if report.elapsed() < args.budget_s:
+      return True
+    report.add(part, f"skipped: {report.elapsed():.0f} s used of the {args.budget_s:.0f} s budget")
+    return False
+
+  rows = []
+  for name in PAIR_MODELS:
+    for dtype in dtypes:
+      if not time_left(f"2. {name} {dtype}"):
+        continue
+      rows.append(bench.bench_one(name, batch, size, dtype, repeats, engines, train_step=True,
+                                  torch_compile=vs_torch))
+      report.add(f"2. The two forms against timm ({len(rows)} rows)", forms_table(rows))
+
+  pair_rows = []
+  for pair in bench.PAPER_PAIRS[:1] if args.smoke else bench.PAPER_PAIRS:
+    if not time_left(f"3. {pair[0]} vs {pair[1]}"):
+      break
+    pair_rows.append(bench.bench_pair(*pair, batch, size, "float32", repeats, engines))
+    report.add(f"3. Table 4's pairs, float32 ({len(pair_rows)} of {len(bench.PAPER_PAIRS)})",
+               bench.format_pairs(pair_rows))
+
+  if time_left("4. Backend paths"):
+    report.add("4. Backend paths (deploy img/s)", backend_paths(PAIR_MODELS[:1], batch, size, repeats, dtypes))
+  if time_left("4. Peak activation memory"):
+    report.add("4. Peak activation memory (float32, MB)",
+               bench.activation_memory(["RepVGG-A0", "ResNet-18"], (1, 2) if args.smoke else (1, 32, 128), size))
+  report.add("Done", f"{report.elapsed():.0f} s in all")
 
 
 if __name__ == "__main__":

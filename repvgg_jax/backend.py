@@ -1,7 +1,9 @@
 """Backend-specific measures, each applied only on the backend where it was measured to help.
 
-The model calls ``conv2d`` and ``global_average_pool``; what they lower to depends on the backend JAX
-compiles for (``jax.default_backend()`` when the function is traced). Measurements: benchmarks/RESULTS.md.
+The model calls ``conv2d`` and ``global_average_pool``; what they lower to depends on the platform the
+computation is lowered for (``lax.platform_dependent``), not on the host that traces it: a ``jax.export`` for
+("cpu", "cuda", "tpu") made on a CPU host holds the CPU paths for the CPU alone. Measurements:
+benchmarks/RESULTS.md.
 
 XLA:CPU (measured on the project's 2-core machines):
 - XLA_FLAGS ``--xla_cpu_experimental_ynn_fusion_type=-INDIVIDUAL_CONVOLUTION``. Since jaxlib 0.9, XLA:CPU
@@ -24,14 +26,15 @@ XLA:CPU (measured on the project's 2-core machines):
   producing convolutions into one single-threaded YNNPACK graph (A0's stages 3-4 ran 1.5x slower).
 
 On GPU and TPU both functions are the plain ``lax.conv_general_dilated`` and ``jnp.mean``. SPECIAL_PATHS
-lists the backends that take the CPU paths; benchmarks/gpu_check.py measures them on a GPU too.
+lists the lowering platforms ("cpu", "cuda", "rocm", "tpu") that take the CPU paths; benchmarks/gpu_check.py
+measures them on a GPU too.
 
 ``add_bias`` is where the deploy form's bias joins its convolution. XLA:GPU fuses conv + bias + ReLU into
 one cuDNN call, and cuDNN's legacy fused conv-bias-activation supports only the IMPLICIT_PRECOMP_GEMM
 algorithm, a suspect for RepVGG-B3's deploy form running slower than its training form on an H200 (whose
 bias-free convolutions may take any algorithm). UNFUSED_BIAS lists the backends where an optimization
-barrier keeps the bias out of the convolution's fusion; it is empty until benchmarks/gpu_check.py, which
-times both, shows that it helps.
+barrier keeps the bias out of the convolution's fusion (lowering platforms, as SPECIAL_PATHS); it is empty
+until benchmarks/gpu_check.py, which times both, shows that it helps.
 """
 
 import contextlib
@@ -79,7 +82,7 @@ _plain = False
 @contextlib.contextmanager
 def plain_convolutions():
   """While models are traced in this context, every convolution is one ``lax.conv_general_dilated`` and the pool
-  a mean, whatever the backend: quantization must see one op per convolution (not per tap), and the
+  a mean, on every platform: quantization must see one op per convolution (not per tap), and the
   accelerator-precision emulation the convolutions an accelerator runs."""
   global _plain  # pylint: disable=global-statement
   previous, _plain = _plain, True
@@ -89,8 +92,13 @@ def plain_convolutions():
     _plain = previous
 
 
-def _special_paths() -> bool:
-  return not _plain and jax.default_backend() in SPECIAL_PATHS
+def _by_platform(special, plain, *args):
+  """``plain(*args)`` on every platform, ``special(*args)`` where lowered for a platform in SPECIAL_PATHS. The
+  choice is made when the computation is lowered, not when it is traced: an export for several platforms made on
+  a CPU host gets the plain form in its CUDA and TPU lowerings (and no conditional reaches any compiler)."""
+  if _plain or special is None or not SPECIAL_PATHS:
+    return plain(*args)
+  return lax.platform_dependent(*args, default=plain, **{p: special for p in SPECIAL_PATHS})
 
 
 def conv2d(x, kernel, strides: int = 1, groups: int = 1):
@@ -98,13 +106,25 @@ def conv2d(x, kernel, strides: int = 1, groups: int = 1):
   stride 2 and misalign the 1x1 branch with the 3x3 window's centre). x (N, H, W, Cin), kernel HWIO."""
   k, p, s = kernel.shape[0], kernel.shape[0] // 2, strides
   ho, wo = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
-  if _special_paths() and groups > 1 and kernel.shape[2] == 1 and kernel.shape[3] == groups:
+
+  def plain(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
+
+  def depthwise_taps(x, kernel):
     return sum(tap * kernel[i, j, 0] for i, j, tap in _taps(x, k, s, ho, wo))
+
+  def matmul_taps(x, kernel):
+    return sum(tap @ kernel[i, j] for i, j, tap in _taps(x, k, s, ho, wo))
+
   few_rows = not isinstance(x.shape[0], int) or x.shape[0] * ho * wo < MIN_MATMUL_ROWS  # symbolic: unknown
-  if not _special_paths() or groups > 1 or ho * wo > SMALL_MAP_PIXELS or few_rows:
-    return lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-  return sum(tap @ kernel[i, j] for i, j, tap in _taps(x, k, s, ho, wo))
+  if groups > 1 and kernel.shape[2] == 1 and kernel.shape[3] == groups:
+    special = depthwise_taps
+  elif groups == 1 and ho * wo <= SMALL_MAP_PIXELS and not few_rows:
+    special = matmul_taps
+  else:
+    special = None
+  return _by_platform(special, plain, x, kernel)
 
 
 def _taps(x, k: int, s: int, ho: int, wo: int):
@@ -125,16 +145,24 @@ def _taps(x, k: int, s: int, ho: int, wo: int):
 
 def global_average_pool(x):
   """Mean over H and W, (N, H, W, C) -> (N, C), accumulated in at least float32; dtype kept."""
-  if not _special_paths():
-    return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
-  n, h, w, c = x.shape
-  total = jnp.einsum("npc,p->nc", x.reshape(n, h * w, c), jnp.ones((h * w,), x.dtype),
-                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-  return (total / (h * w)).astype(x.dtype)
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
+
+  def mean(x):
+    return jnp.mean(x, axis=(1, 2), dtype=accumulate).astype(x.dtype)
+
+  def contraction(x):
+    n, h, w, c = x.shape
+    total = jnp.einsum("npc,p->nc", x.reshape(n, h * w, c), jnp.ones((h * w,), x.dtype),
+                       preferred_element_type=accumulate)
+    return (total / (h * w)).astype(x.dtype)
+
+  return _by_platform(contraction, mean, x)
 
 
 def add_bias(y, bias):
-  """y + bias (broadcast over the last axis), outside the convolution's fusion on UNFUSED_BIAS backends."""
-  if jax.default_backend() in UNFUSED_BIAS:
-    y = lax.optimization_barrier(y)
-  return y + bias
+  """y + bias (broadcast over the last axis), outside the convolution's fusion where lowered for a platform in
+  UNFUSED_BIAS."""
+  if not UNFUSED_BIAS:
+    return y + bias
+  return lax.platform_dependent(y, bias, default=lambda y, b: y + b,
+                                **{p: lambda y, b: lax.optimization_barrier(y) + b for p in UNFUSED_BIAS})

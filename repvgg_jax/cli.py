@@ -10,16 +10,14 @@ from typing import Callable
 
 from absl import app, flags
 
-
-class UserError(Exception):
-  """A command's input is wrong; the message says which file or flag and what to do."""
+from repvgg_jax import errors
+from repvgg_jax.errors import UserError  # pylint: disable=unused-import  # cli.UserError, as its raisers name it.
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  """The exceptions an entry point reports as one line (imported late: ``python -m x --help`` stays fast)."""
-  from repvgg_jax import checkpoints, equivalence, input_pipeline, training  # pylint: disable=g-import-not-at-top
-  return (UserError, app.UsageError, training.ConfigError, checkpoints.CheckpointError, input_pipeline.DatasetError,
-          equivalence.EquivalenceError, FloatingPointError)
+  """The exceptions an entry point reports as one line."""
+  return (UserError, app.UsageError, errors.ConfigError, errors.CheckpointError, errors.DatasetError,
+          errors.EquivalenceError, FloatingPointError)
 
 
 def one_line(error: BaseException) -> str:

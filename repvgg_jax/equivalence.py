@@ -22,11 +22,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from repvgg_jax.errors import EquivalenceError
+
 RTOL = 2e-5  # Relative to the largest logit (and elementwise); measured sensitivity: benchmarks/equivalence_table.py.
-
-
-class EquivalenceError(AssertionError):
-  """The deploy form does not compute the training form's function."""
 
 
 def logits_at_full_precision(model, variables: Mapping, images, **kwargs):

@@ -34,18 +34,20 @@ def check_deploy_params(model, params: Mapping) -> None:
 
 
 def export_deploy(model, params: Mapping, image_shape: tuple[int, int, int], dtype: Any = jnp.float32,
-                  platforms: tuple[str, ...] = ("cpu",)) -> bytes:
+                  platforms: Optional[Sequence[str]] = None) -> bytes:
   """Serializes ``model.apply({"params": params}, x)`` for x of shape (batch, *image_shape), any batch.
 
   ``model`` must be a deploy-form network (``create_model(name, deploy=True)``) and ``params`` its plain
-  parameters; a training-form tree is refused. ``platforms`` lists where the artifact may run
-  (e.g. ("cpu", "cuda", "tpu")).
+  parameters; a training-form tree is refused. ``platforms`` lists where the artifact may run, e.g.
+  ("cpu", "cuda", "tpu"); None: the platform of JAX's default backend, as ``jax.export``. Each platform gets its
+  own lowering, chosen when the artifact is compiled: the CPU its own convolution paths (``backend``), CUDA and TPU
+  the plain convolutions and mean, whatever host exports it.
   """
   check_deploy_params(model, params)
   batch = jax_export.symbolic_shape("batch")[0]
   spec = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), dtype)
   forward = jax.jit(lambda x: model.apply({"params": params}, x))
-  return jax_export.export(forward, platforms=platforms)(spec).serialize()
+  return jax_export.export(forward, platforms=None if platforms is None else tuple(platforms))(spec).serialize()
 
 
 def save(path: str, artifact: bytes) -> None:

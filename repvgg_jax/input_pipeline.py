@@ -20,6 +20,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from repvgg_jax import cli  # pylint: disable=g-import-not-at-top
 from repvgg_jax.autoaugment import autoaugment, randaugment  # pylint: disable=g-import-not-at-top
+from repvgg_jax.errors import DatasetError  # pylint: disable=g-import-not-at-top
 
 # TensorFlow is only the input pipeline's engine: it must not grab an accelerator. Each op runs on one thread;
 # the parallelism is across examples, in tf.data's pool (``input_threads``).
@@ -63,10 +64,6 @@ class Source:
   crop: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
   classes: tuple[str, ...] = ()
   undecodable: Callable[[str], Optional[str]] = lambda split: None
-
-
-class DatasetError(Exception):
-  """A dataset that is missing, not prepared or malformed; the message names the file and what to do."""
 
 
 # --------------------------------------------------------------------------- Host threads.

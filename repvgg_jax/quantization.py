@@ -50,10 +50,26 @@ def _symmetric_grid(x, bits: int, axis=None, xp=np):
   return xp.clip(xp.round(x / scale), -qmax, qmax), scale
 
 
+def _mean_over_devices(x):
+  """``x`` averaged over the devices of the training and evaluation steps' pmap axis (``steps.AXIS``) where that
+  axis is bound, else ``x``: each device calibrates on its share of the batch, and QAT on N devices must compute
+  what one device computes with the whole batch, as BatchNorm's synchronized statistics do."""
+  try:
+    return jax.lax.pmean(x, steps.AXIS)
+  except NameError:  # Not under the steps' pmap (calibration, the checks): this batch is the whole batch.
+    return x
+
+
 class _QtProvider(qwix.QtProvider):
-  """Qwix's QtProvider, but a grouped convolution (MobileOne's depthwise, g2/g4) takes its gradients from the
-  float convolution of the same operands (straight through both): Qwix 0.1.8's backward pass ignores
-  feature_group_count and fails on it. The values stay Qwix's; ungrouped convolutions are Qwix's throughout."""
+  """Qwix's QtProvider, with two changes. A grouped convolution (MobileOne's depthwise, g2/g4) takes its gradients
+  from the float convolution of the same operands (straight through both): Qwix 0.1.8's backward pass ignores
+  feature_group_count and fails on it. And a batch's activation ranges (each image's min and max, averaged over
+  the batch) are averaged over the devices before they update or set a range. The values stay Qwix's; ungrouped
+  convolutions are Qwix's throughout."""
+
+  def _update_and_get_quant_stat(self, name, batch_axes, calibration):
+    calibration = jax.tree.map(lambda x: _mean_over_devices(x.mean(axis=batch_axes, keepdims=True)), calibration)
+    return super()._update_and_get_quant_stat(name, batch_axes, calibration)  # Its own mean is now over one entry.
 
   def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                            dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
@@ -142,8 +158,8 @@ def _static_range(module: nn.Module, x):
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     per_image = tuple(range(1, x.ndim))
     stat.value = {"count": stat.value["count"] + 1,
-                  "sum_of_min": stat.value["sum_of_min"] + jnp.mean(jnp.minimum(x.min(per_image), 0)),
-                  "sum_of_max": stat.value["sum_of_max"] + jnp.mean(jnp.maximum(x.max(per_image), 0))}
+                  "sum_of_min": stat.value["sum_of_min"] + _mean_over_devices(jnp.mean(jnp.minimum(x.min(per_image), 0))),
+                  "sum_of_max": stat.value["sum_of_max"] + _mean_over_devices(jnp.mean(jnp.maximum(x.max(per_image), 0)))}
   count = jnp.maximum(stat.value["count"], 1).astype(jnp.float32)
   return stat.value["sum_of_min"] / count, stat.value["sum_of_max"] / count
 
@@ -340,7 +356,8 @@ def check_int8_onnx(proto, qmodel, params: Mapping, quant_stats: Mapping, images
   """onnxruntime's INT8 logits vs the JAX fake-quantized ones on NHWC ``images``: {"argmax_agreement",
   "max_error_vs_spread"}; raises ``equivalence.EquivalenceError`` outside the bounds above."""
   images = np.asarray(images, np.float32)
-  expected = np.asarray(logits(qmodel, params, quant_stats, images))
+  with jax.default_matmul_precision("highest"):  # ORT computes in full float32 (and integers); so must the reference.
+    expected = np.asarray(logits(qmodel, params, quant_stats, images))
   got = export.onnx_session(proto).run(["logits"], {"images": images.transpose(0, 3, 1, 2)})[0]
   agreement = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
   spread = float(np.abs(expected - expected.mean(0)).max()) or 1.0

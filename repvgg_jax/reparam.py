@@ -9,16 +9,23 @@ with the 1x1 kernels padded to the centre (``pad_to_center``) and the identity a
 for any groups, depthwise included (``fuse_branches``); a BN after such a sum folds into it too
 (``fuse_bn_after_sum``). Kernels are Flax HWIO arrays.
 
+The entry points (``reparam``, ``fuse_block``) compute at ``Precision.HIGHEST``: a fold that multiplies
+matrices (RepViT's BN + Linear head: ``shift @ kernel``) would otherwise round its operands to bfloat16 on a TPU
+and to TF32 on a GPU, inside ``jax.jit(reparam)`` too, and its bias would differ from the exact fold by ~1e-3
+of its size while the end-of-run check still passed.
+
 Which branches a block has, and under which names, is its family's knowledge: each family's block kinds carry a
 fuse rule (``plan.FuseRule``) composed of the functions here, and ``fuse_layers`` walks a tree layer by layer,
 fusing each layer by the rule that claims it. Nothing here mutates its input or keeps state; ``jax.jit(reparam)``
 works.
 """
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 from repvgg_jax import plan
@@ -207,6 +214,19 @@ def fuse_layers(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON, 
   return out
 
 
+def _at_highest_precision(fold):
+  """``fold`` with every matmul and convolution it traces at HIGHEST precision, whatever the backend's default
+  (the context is read when each operation is traced, so it holds under ``jax.jit`` too)."""
+
+  @functools.wraps(fold)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fold(*args, **kwargs)
+
+  return wrapped
+
+
+@_at_highest_precision
 def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSILON,
                path: tuple[str, ...] = ()) -> dict:
   """One training-time block's params and batch_stats -> the plain block's params, by the fuse rule of the
@@ -218,6 +238,7 @@ def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSI
   return rule.fuse(block_params, block_stats, eps, path)
 
 
+@_at_highest_precision
 def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
   """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly, by the fuse rules of
   the family the tree belongs to (``families.of_params``). Pure and jittable. ``eps`` must equal the BatchNorm

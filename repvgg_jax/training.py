@@ -18,6 +18,7 @@ from absl import logging
 
 from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
+from repvgg_jax.errors import ConfigError
 from repvgg_jax.families import create_model
 from repvgg_jax.models import given_overrides
 from repvgg_jax.reparam import reparam
@@ -28,10 +29,6 @@ from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, cre
 
 LABELS_FILE = "labels.txt"  # The class names of the run's labels, one per line in label order.
 INFERENCE_FILE = "inference.json"  # What the deploy model needs at inference (``inference_record``).
-
-
-class ConfigError(ValueError):
-  """A mistake in the configuration or the workdir, found before anything is compiled."""
 
 
 # --------------------------------------------------------------------------- Set-up and checks.

@@ -1,4 +1,5 @@
-"""One training step on 8 simulated CPU devices vs on 1 device with the whole batch; exits non-zero if they differ.
+"""One training step on 8 simulated CPU devices vs on 1 device with the whole batch, and one QAT step (Qwix's
+activation statistics where BatchNorm's go) likewise; exits non-zero if they differ.
 
 Run as a script (the device count must be fixed before JAX starts): python tests/multidevice_step.py
 """
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import repvgg_jax as rv
 from configs import quickstart
-from repvgg_jax import steps, training
+from repvgg_jax import quantization, steps, training
 
 
 def one_step(state, batch, devices, learning_rate):
@@ -55,7 +57,27 @@ def main():
   worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats)), jax.tree.leaves((one.params, one.batch_stats))))
   print(f"OK 8 devices == 1 device after one step; max abs difference {worst:.2e}")
+  qat_step(config, rv.reparam(state.params, state.batch_stats), batch)
 
+
+def qat_step(config, params, batch):
+  """A QAT step from calibrated statistics, on 8 devices and on 1: every replica must hold the same activation
+  ranges (without averaging over the devices each keeps its own share's and device 0's are saved), and the first
+  layer's, which nothing quantized precedes, must be the whole batch's. Deeper layers' ranges are not compared: the
+  quantized forward pass under an 8-device pmap already differs from the same pass on one device (eval, fixed
+  ranges: 3e-3 of the logits in float64, where the float model agrees to 4e-16), not yet understood."""
+  qmodel = quantization.fake_quantized(training.model_from_config(config, 10, deploy=True))
+  stats = quantization.calibrate(qmodel, params, [batch["image"][:16]])
+  learning_rate = optax.constant_schedule(1e-2)
+  state = quantization.qat_state(qmodel, params, stats, optax.sgd(learning_rate))
+  eight, _ = one_step(state, batch, jax.devices(), learning_rate)  # Asserts that the replicas agree.
+  one, _ = one_step(state, batch, jax.devices()[:1], learning_rate)
+  first = next(iter(stats))
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.batch_stats[first]),
+                                                          jax.tree.leaves(stats[first])))
+  assert moved > 1e-4, "the QAT step did not update the activation statistics"
+  chex.assert_trees_all_close(eight.batch_stats[first], one.batch_stats[first], rtol=1e-6, atol=1e-7)
+  print(f"OK QAT on 8 devices == 1 device after one step ({first}'s input range; every replica alike)")
 
 if __name__ == "__main__":
   main()

@@ -4,6 +4,7 @@ blocks more packages (e.g. torch, as on a TPU VM).
   python tests/no_tensorflow.py -m repvgg_jax.bench --models=RepVGG-A0 ...
   python tests/no_tensorflow.py -c "import repvgg_jax"
   python tests/no_tensorflow.py --also=torch -m repvgg_jax.convert ...
+  python tests/no_tensorflow.py --also=ml_collections,qwix benchmarks/gpu_check.py --smoke ...   # a script
 """
 
 import importlib.abc
@@ -40,7 +41,12 @@ def main():
   argv = sys.argv[1:]
   if argv and argv[0].startswith("--also="):
     BLOCKED.extend(argv.pop(0)[len("--also="):].split(","))
-  mode, target, *args = argv
+  mode, *rest = argv
+  if mode.endswith(".py"):
+    sys.argv = [mode, *rest]
+    runpy.run_path(mode, run_name="__main__")
+    return
+  target, *args = rest
   sys.argv = [target, *args]
   if mode == "-m":
     runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -48,7 +54,6 @@ def main():
     exec(compile(target, "<no_tensorflow -c>", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
   else:
     raise SystemExit(f"usage: {__doc__}")
-
 
 if __name__ == "__main__":
   main()

@@ -1,7 +1,9 @@
 """Spec of the deploy export: a jax.export artifact that runs without the model code, for any batch size, and an
 ONNX graph that onnxruntime runs with the JAX deploy model's logits."""
 
+import collections
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax import checkpoints, equivalence, export
+from repvgg_jax import backend, checkpoints, equivalence, export
 from tests import wellposed
 from tests.helpers import random_variables
 
@@ -32,7 +34,9 @@ def trained():
 def test_exported_deploy_model_round_trips_for_any_batch(trained, tmp_path):
   model, variables, deploy, plain = trained
   path = str(tmp_path / "repvgg.jaxexport")
-  export.save(path, export.export_deploy(deploy, plain, (32, 32, 3)))
+  # For the platform this runs on and the CPU: the artifact a GPU host would ship to CPU servers too.
+  here = jax.export.default_export_platform()
+  export.save(path, export.export_deploy(deploy, plain, (32, 32, 3), platforms=dict.fromkeys((here, "cpu"))))
   run = export.load(path)  # Nothing from repvgg_jax's models is used from here on.
   for batch in (1, 5):
     x = jax.random.normal(jax.random.key(batch), (batch, 32, 32, 3))
@@ -41,6 +45,32 @@ def test_exported_deploy_model_round_trips_for_any_batch(trained, tmp_path):
     # And it is the training model's function, too.
     y_train = model.apply(variables, x)
     chex.assert_trees_all_close(run(x), y_train, rtol=1e-5, atol=1e-5 * float(np.abs(y_train).max()))
+
+
+def _op_counts(artifact: bytes) -> collections.Counter:
+  text = jax.export.deserialize(bytearray(artifact)).mlir_module()
+  return collections.Counter(re.findall(r"stablehlo\.(convolution|dot_general|reduce|multiply)\b", text))
+
+
+def test_an_export_for_accelerators_made_on_any_host_holds_their_plain_convolutions():
+  """MobileOne's depthwise convolutions and the pool take other paths on the CPU (``backend``); an artifact for
+  CUDA or TPU must not carry them, whichever host lowers it, and a three-platform one runs here."""
+  overrides = dict(num_classes=10, width_multiplier=(0.5,) * 4, num_blocks=(1, 1, 1, 1))
+  deploy = rv.create_model("MobileOne-S0", deploy=True, **overrides)
+  plain = rv.reparam(*(random_variables(rv.create_model("MobileOne-S0", **overrides), (1, 32, 32, 3))[k]
+                       for k in ("params", "batch_stats")))
+  with backend.plain_convolutions():
+    reference = _op_counts(export.export_deploy(deploy, plain, (32, 32, 3), platforms=("cuda",)))
+  assert reference["convolution"] > 0 and reference["reduce"] >= 1
+  for platform in ("cuda", "tpu"):
+    assert _op_counts(export.export_deploy(deploy, plain, (32, 32, 3), platforms=(platform,))) == reference
+  cpu = _op_counts(export.export_deploy(deploy, plain, (32, 32, 3), platforms=("cpu",)))
+  assert cpu["convolution"] < reference["convolution"] and cpu["dot_general"] > reference["dot_general"]
+  everywhere = export.export_deploy(deploy, plain, (32, 32, 3), platforms=("cpu", "cuda", "tpu"))
+  assert _op_counts(everywhere)["convolution"] >= reference["convolution"]
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  chex.assert_trees_all_close(jax.export.deserialize(bytearray(everywhere)).call(x),
+                              deploy.apply({"params": plain}, x), rtol=1e-5, atol=1e-5)
 
 
 def test_exporting_the_training_time_graph_is_refused(trained):
