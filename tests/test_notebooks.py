@@ -19,11 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
-def _execute(name, tmp_path, first_cell=None, kernel_name="python3"):
+def _execute(name, first_cell=None, kernel_name="python3", folder=NOTEBOOKS):
+  """The notebook executed in a kernel started in ``folder``, after ``first_cell`` (default: the emulation)."""
   notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   notebook.cells.insert(0, nbformat.v4.new_code_cell(first_cell or precision_emulation.notebook_cell(ROOT)))
   nbclient.NotebookClient(notebook, timeout=600, kernel_name=kernel_name,
-                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+                          resources={"metadata": {"path": str(folder)}}).execute()
   return notebook
 
 
@@ -33,7 +34,8 @@ def _colab_kernel(tmp_path, monkeypatch) -> str:
   venv, stand_in = tmp_path / "venv", tmp_path / "colab_stand_in"
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
   (stand_in / "google" / "colab").mkdir(parents=True)
-  (stand_in / "google" / "colab" / "__init__.py").write_text('"""Stands in for Colab\'s own package."""\n')
+  for module in ("__init__", "output"):  # JAX's debugger imports google.colab.output where google.colab is.
+    (stand_in / "google" / "colab" / f"{module}.py").write_text('"""Stands in for Colab\'s own package."""\n')
   spec = tmp_path / "jupyter" / "kernels" / "colab"
   spec.mkdir(parents=True)
   spec.joinpath("kernel.json").write_text(json.dumps({
@@ -46,8 +48,8 @@ def _colab_kernel(tmp_path, monkeypatch) -> str:
 
 
 def _run_as_on_colab(name, tmp_path, monkeypatch):
-  notebook = _execute(name, tmp_path, "import google.colab  # Colab imports it before any cell.",
-                      _colab_kernel(tmp_path, monkeypatch))
+  notebook = _execute(name, "import google.colab  # Colab imports it before any cell.",
+                      _colab_kernel(tmp_path, monkeypatch), folder=tmp_path)
   assert f"repvgg-jax from {tmp_path / 'repvgg-jax'}" in _outputs(notebook)
   return notebook
 
@@ -72,7 +74,7 @@ def test_colab_training_notebook_installs_trains_reparameterizes_and_verifies_as
 
 
 def test_fusion_walkthrough_draws_the_kernels_and_checks_the_fused_block(smoke_env):
-  text = _outputs(_execute("fusion_walkthrough.ipynb", smoke_env))
+  text = _outputs(_execute("fusion_walkthrough.ipynb"))
   assert "max |train - plain|" in text
   assert (smoke_env / "fusion.png").stat().st_size > 10_000
 
@@ -86,5 +88,5 @@ def test_the_colab_set_up_stops_with_one_line_when_no_source_is_set(smoke_env, m
   kernel = _colab_kernel(smoke_env, monkeypatch)
   monkeypatch.setenv("REPVGG_JAX_SOURCE", "")
   with pytest.raises(nbclient.exceptions.CellExecutionError, match="Set REPVGG_JAX_SOURCE at the top of this cell"):
-    _execute("fusion_walkthrough.ipynb", smoke_env, "import google.colab", kernel)
+    _execute("fusion_walkthrough.ipynb", "import google.colab", kernel, folder=smoke_env)
   assert not (smoke_env / "repvgg-jax").exists()
