@@ -1,28 +1,76 @@
-"""Train form vs deploy form for every variant at emulated accelerator precision, printed as a table.
+"""Fusion at emulated accelerator precision, per family (and train vs deploy per variant), printed as tables.
 
-  python benchmarks/emulated_precision.py
+  python benchmarks/emulated_precision.py                  # per family: fused leaves and a short run
+  python benchmarks/emulated_precision.py --every_variant  # also train vs deploy for every variant
 
-Columns: max error relative to the largest logit at the default precision under the emulation of
-tests/precision_emulation.py (float32 operands of convolutions and dots rounded to bfloat16 unless run at
-HIGHEST), the project's check (HIGHEST) under the emulation, the check on the CPU without emulation, and the
-float32 deploy form against the training form computed in float64. 32 px, batch 2, 10 classes, random
-weights and random BN statistics (MobileOne's BN scales in tests.helpers.MOBILEONE_SCALES).
+The emulation (tests/precision_emulation.py) rounds float32 operands of every convolution and dot to bfloat16
+unless run at HIGHEST, as a TPU's default precision does (a GPU's TF32 keeps 3 more bits).
+
+Per family (one tree each, tests.helpers.FAMILY_TREES, random weights and BN statistics): the largest error of a
+fused leaf against the float64 fold, relative to the leaf's largest entry, for the fold at the default precision
+("before": ``reparam`` without its HIGHEST context) and as shipped ("after"); then a short training run of the
+family on generated Fashion-MNIST-shaped files under the emulation, and its end-of-run check (train vs deploy,
+HIGHEST, relative to the largest logit) with each fold.
+
+Per variant (--every_variant): max error relative to the largest logit at the default precision under the
+emulation, the project's check (HIGHEST) under the emulation, the check on the CPU without emulation, and the
+float32 deploy form against the training form computed in float64; 32 px, batch 2, 10 classes.
 """
 
+import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
 import repvgg_jax as rv  # pylint: disable=wrong-import-position
-from repvgg_jax import equivalence  # pylint: disable=wrong-import-position
-from tests.helpers import MOBILEONE_SCALES, random_variables  # pylint: disable=wrong-import-position
-from tests.wellposed import float64_apply  # pylint: disable=wrong-import-position
+from repvgg_jax import equivalence, training  # pylint: disable=wrong-import-position
+from tests.helpers import (FAMILY_TREES, MOBILEONE_SCALES, leaf_errors, random_variables,  # pylint: disable=wrong-import-position
+                           write_fake_fashion_mnist)
 from tests.precision_emulation import emulated_accelerator_precision  # pylint: disable=wrong-import-position
+from tests.test_training import family_run_config  # pylint: disable=wrong-import-position
+from tests.wellposed import float64_apply  # pylint: disable=wrong-import-position
+
+AT_DEFAULT_PRECISION = rv.reparam.__wrapped__  # The fold without its HIGHEST context: what ran before.
 
 
-def main():
+def largest_leaf_error(fold, name: str, overrides: dict) -> tuple[str, float]:
+  variables = random_variables(rv.create_model(name, num_classes=10, **overrides), (1, 32, 32, 3))
+  with jax.enable_x64(True):
+    as64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
+    exact = jax.tree.map(np.asarray, rv.reparam(as64["params"], as64["batch_stats"]))
+  with emulated_accelerator_precision():
+    errors = leaf_errors(jax.jit(fold)(variables["params"], variables["batch_stats"]), exact)
+  worst = max(errors, key=errors.get)
+  return worst, errors[worst]
+
+
+def end_of_run_error(fold, name: str, data_dir: str) -> float:
+  saved, training.reparam = training.reparam, fold
+  try:
+    with emulated_accelerator_precision():
+      return training.train_and_evaluate(family_run_config(name, data_dir), tempfile.mkdtemp())["max_relative_error"]
+  finally:
+    training.reparam = saved
+
+
+def families():
+  data_dir = write_fake_fashion_mnist(tempfile.mkdtemp())
+  print("| family (tree) | worst fused leaf | its error before | after | end-of-run error before | after |")
+  print("|---|---|---|---|---|---|")
+  for name, overrides in FAMILY_TREES:
+    leaf, before = largest_leaf_error(AT_DEFAULT_PRECISION, name, overrides)
+    _, after = largest_leaf_error(rv.reparam, name, overrides)
+    run_before, run_after = (end_of_run_error(fold, name, data_dir) for fold in (AT_DEFAULT_PRECISION, rv.reparam))
+    print(f"| {name} | `{leaf}` | {before:.1e} | {after:.1e} | {run_before:.1e} | {run_after:.1e} |", flush=True)
+
+
+def every_variant():
   print("| model | default precision (emulated) | HIGHEST (emulated) | CPU float32 | vs float64 training form |")
   print("|---|---|---|---|---|")
   for name in rv.list_models():
@@ -33,13 +81,22 @@ def main():
     plain = rv.reparam(v["params"], v["batch_stats"])
     exact = equivalence.check_equivalence(model, v, deploy, plain, x)
     with emulated_accelerator_precision():
-      yt = jax.jit(lambda v, x: model.apply(v, x))(v, x)
-      yd = jax.jit(lambda p, x: deploy.apply({"params": p}, x))(plain, x)
+      yt = jax.jit(lambda v, x: model.apply(v, x))(v, x)  # pylint: disable=cell-var-from-loop
+      yd = jax.jit(lambda p, x: deploy.apply({"params": p}, x))(plain, x)  # pylint: disable=cell-var-from-loop
       default = equivalence.max_relative_error(yd, yt)
       highest = equivalence.check_equivalence(model, v, deploy, plain, x)
     with jax.default_matmul_precision("highest"):
       vs64 = equivalence.max_relative_error(deploy.apply({"params": plain}, x), float64_apply(name, 10)(v, x))
     print(f"| {name} | {default:.2e} | {highest:.2e} | {exact:.2e} | {vs64:.2e} |", flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--every_variant", action="store_true")
+  args = parser.parse_args()
+  families()
+  if args.every_variant:
+    every_variant()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,24 @@ def random_variables(model, input_shape, seed: int = 0, dtype=np.float32, scale_
   return random_like(shapes, seed, dtype, scale_range)
 
 
+# One variant of each family, at a size where its fold holds every block kind it has (MobileOne-S4: SE;
+# RepVGGplus: its post SE and aux heads; RepViT: the BN + Linear head, the fold that multiplies matrices).
+FAMILY_TREES = [("RepVGG-B1g2", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
+                ("QARepVGG-A0", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
+                ("MobileOne-S4", dict(width_multiplier=(0.5,) * 4, num_blocks=(1, 1, 1, 1))),
+                ("RepVGGplus-L2pse", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 1, 2, 1))),
+                ("RepViT-M0.9", dict(depths=(1, 1, 1, 1)))]
+FLOAT32_FOLD = 1e-6  # Of a fused leaf's largest entry: float32 rounding; a bfloat16 or TF32 product is ~1e-3.
+
+
+def leaf_errors(tree, exact) -> dict[str, float]:
+  """Per leaf path of ``tree``, max |leaf - exact| / max |exact| (``exact``: the same tree, e.g. in float64)."""
+  flat_exact = dict(jax.tree_util.tree_flatten_with_path(exact)[0])
+  return {jax.tree_util.keystr(path): float(np.abs(np.asarray(leaf, np.float64) - np.asarray(flat_exact[path])).max()
+                                            / max(float(np.abs(np.asarray(flat_exact[path])).max()), 1e-30))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def numpy_conv(x, kernel, stride: int = 1, padding: int = 0, groups: int = 1):
   """Reference grouped 2-D convolution in numpy: x (N, H, W, Cin), kernel (kh, kw, Cin/groups, Cout), NHWC out."""
   x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)

@@ -26,15 +26,31 @@ def _forms(name="RepVGG-A0", eps=rv.models.BN_EPSILON):
   return model, v, deploy, rv.reparam(v["params"], v["batch_stats"], eps=eps), x
 
 
+MATMULS = {"@": lambda a, b: a @ b, "jnp.matmul": jnp.matmul, "jnp.dot": jnp.dot,
+           "jnp.einsum": lambda a, b: jnp.einsum("nij,jk->nik", a, b), "lax.dot_general": lambda a, b: jax.lax.dot_general(
+               a, b, (((2,), (0,)), ((), ())))}
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the emulation is of accelerators, on the CPU")
-def test_the_emulation_rounds_default_precision_and_spares_highest(accelerator_precision):
+@pytest.mark.parametrize("spelling", MATMULS)
+def test_the_emulation_rounds_every_spelling_of_a_product_and_spares_highest(spelling, accelerator_precision):
+  """It replaces the lowering of the primitive every spelling reaches, not the names: ``@``, ``jnp.matmul``,
+  ``jnp.dot`` and ``jnp.einsum`` are rounded as ``lax.dot_general`` is, eager and jitted, and spared at HIGHEST
+  (also when set by ``jax.default_matmul_precision`` inside the jitted function, as ``reparam`` does)."""
+  product = MATMULS[spelling]
   x, w = jax.random.normal(jax.random.key(0), (2, 3, 64)), jax.random.normal(jax.random.key(1), (64, 8))
-  default = jax.jit(lambda a, b: a @ b)(x, w)
-  highest = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))(x, w)
   bf16 = jnp.matmul(x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32),
                     precision="highest")
-  assert float(jnp.abs(default - highest).max()) > 1e-3
-  assert float(jnp.abs(default - bf16).max()) < 1e-5
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+  def at_highest(a, b):
+    with jax.default_matmul_precision("highest"):
+      return product(a, b)
+
+  for default in (product(x, w), jax.jit(product)(x, w)):
+    assert float(jnp.abs(default - exact).max()) > 1e-3
+    assert float(jnp.abs(default - bf16).max()) < 1e-5
+  assert float(np.abs(np.asarray(jax.jit(at_highest)(x, w)) - exact).max()) < 1e-5
 
 
 def test_a_default_precision_comparison_fails_where_the_check_holds(accelerator_precision):

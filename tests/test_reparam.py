@@ -11,7 +11,7 @@ from jax import lax
 import repvgg_jax as rv
 from repvgg_jax import models, repvgg
 from repvgg_jax.reparam import fuse_bn, fuse_block, identity_kernel, pad_1x1_to_3x3, reparam
-from tests.helpers import numpy_block, numpy_conv, random_variables
+from tests.helpers import FAMILY_TREES, FLOAT32_FOLD, leaf_errors, numpy_block, numpy_conv, random_variables
 
 EXACT_F64 = 1e-12
 
@@ -201,24 +201,6 @@ def test_reparam_does_not_mutate_its_input():
 
 # --------------------------------------------------------------------------- Accelerator precision.
 
-# One variant of each family, at a size where its fold holds every block kind it has (MobileOne-S4: SE;
-# RepVGGplus: its post SE and aux heads; RepViT: the BN + Linear head, the fold that multiplies matrices).
-FAMILY_TREES = [("RepVGG-B1g2", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
-                ("QARepVGG-A0", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
-                ("MobileOne-S4", dict(width_multiplier=(0.5,) * 4, num_blocks=(1, 1, 1, 1))),
-                ("RepVGGplus-L2pse", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 1, 2, 1))),
-                ("RepViT-M0.9", dict(depths=(1, 1, 1, 1)))]
-FLOAT32_FOLD = 1e-6  # Of each leaf's largest entry: float32 rounding; a bfloat16 or TF32 product is ~1e-3.
-
-
-def _largest_leaf_errors(tree, exact) -> dict[str, float]:
-  """Per leaf path, max |leaf - exact| / max |exact|."""
-  flat_exact = dict(jax.tree_util.tree_flatten_with_path(exact)[0])
-  return {jax.tree_util.keystr(path): float(np.abs(np.asarray(leaf, np.float64) - flat_exact[path]).max()
-                                            / max(float(np.abs(flat_exact[path]).max()), 1e-30))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 @pytest.mark.parametrize("name,overrides", FAMILY_TREES, ids=[name for name, _ in FAMILY_TREES])
 def test_every_fused_leaf_is_the_exact_fold_at_accelerator_precision(name, overrides, accelerator_precision):
   """jit(reparam) at the accelerator's default precision (emulated on the CPU: float32 operands of every
@@ -229,10 +211,10 @@ def test_every_fused_leaf_is_the_exact_fold_at_accelerator_precision(name, overr
     as64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
     exact = jax.tree.map(np.asarray, reparam(as64["params"], as64["batch_stats"]))
   fused = jax.jit(reparam)(variables["params"], variables["batch_stats"])
-  errors = _largest_leaf_errors(fused, exact)
+  errors = leaf_errors(fused, exact)
   worst = max(errors, key=errors.get)
   assert errors[worst] <= FLOAT32_FOLD, (worst, errors[worst])
   if name.startswith("RepViT") and jax.default_backend() != "gpu":  # TPU's one bf16 pass, or its emulation.
     at_default = jax.jit(reparam.__wrapped__)(variables["params"], variables["batch_stats"])
-    errors = _largest_leaf_errors(at_default, exact)
+    errors = leaf_errors(at_default, exact)
     assert errors["['head']['bias']"] > 100 * FLOAT32_FOLD
