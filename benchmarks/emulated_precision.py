@@ -10,7 +10,8 @@ Per family (one tree each, tests.helpers.FAMILY_TREES, random weights and BN sta
 fused leaf against the float64 fold, relative to the leaf's largest entry, for the fold at the default precision
 ("before": ``reparam`` without its HIGHEST context) and as shipped ("after"); then a short training run of the
 family on generated Fashion-MNIST-shaped files under the emulation, and its end-of-run check (train vs deploy,
-HIGHEST, relative to the largest logit) with each fold.
+HIGHEST, relative to the largest logit; "fails" where it exceeds equivalence.RTOL and the run stops) with each
+fold.
 
 Per variant (--every_variant): max error relative to the largest logit at the default precision under the
 emulation, the project's check (HIGHEST) under the emulation, the check on the CPU without emulation, and the
@@ -19,6 +20,7 @@ float32 deploy form against the training form computed in float64; 32 px, batch 
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -50,11 +52,15 @@ def largest_leaf_error(fold, name: str, overrides: dict) -> tuple[str, float]:
   return worst, errors[worst]
 
 
-def end_of_run_error(fold, name: str, data_dir: str) -> float:
+def end_of_run_error(fold, name: str, data_dir: str) -> str:
+  """The run's own check (train vs deploy at HIGHEST, of the largest logit), or how it failed."""
   saved, training.reparam = training.reparam, fold
   try:
     with emulated_accelerator_precision():
-      return training.train_and_evaluate(family_run_config(name, data_dir), tempfile.mkdtemp())["max_relative_error"]
+      result = training.train_and_evaluate(family_run_config(name, data_dir), tempfile.mkdtemp())
+    return f"{result['max_relative_error']:.1e}"
+  except equivalence.EquivalenceError as e:
+    return "fails: " + re.search(r"by (\S+) of the largest logit", str(e)).group(1)
   finally:
     training.reparam = saved
 
@@ -67,7 +73,7 @@ def families():
     leaf, before = largest_leaf_error(AT_DEFAULT_PRECISION, name, overrides)
     _, after = largest_leaf_error(rv.reparam, name, overrides)
     run_before, run_after = (end_of_run_error(fold, name, data_dir) for fold in (AT_DEFAULT_PRECISION, rv.reparam))
-    print(f"| {name} | `{leaf}` | {before:.1e} | {after:.1e} | {run_before:.1e} | {run_after:.1e} |", flush=True)
+    print(f"| {name} | `{leaf}` | {before:.1e} | {after:.1e} | {run_before} | {run_after} |", flush=True)
 
 
 def every_variant():

@@ -92,13 +92,18 @@ def plain_convolutions():
     _plain = previous
 
 
-def _by_platform(special, plain, *args):
-  """``plain(*args)`` on every platform, ``special(*args)`` where lowered for a platform in SPECIAL_PATHS. The
-  choice is made when the computation is lowered, not when it is traced: an export for several platforms made on
-  a CPU host gets the plain form in its CUDA and TPU lowerings (and no conditional reaches any compiler)."""
-  if _plain or special is None or not SPECIAL_PATHS:
+def _by_platform(platforms, special, plain, *args):
+  """``special(*args)`` where the computation is lowered for one of ``platforms``, else ``plain(*args)`` (also
+  where ``special`` is None). The choice is made when the computation is lowered, not when it is traced: an export
+  for several platforms made on a CPU host gets the plain form in its CUDA and TPU lowerings, and no conditional
+  reaches any compiler."""
+  if special is None or not platforms:
     return plain(*args)
-  return lax.platform_dependent(*args, default=plain, **{p: special for p in SPECIAL_PATHS})
+  return lax.platform_dependent(*args, default=plain, **{p: special for p in platforms})
+
+
+def _special_paths() -> set[str]:
+  return set() if _plain else SPECIAL_PATHS
 
 
 def conv2d(x, kernel, strides: int = 1, groups: int = 1):
@@ -124,7 +129,7 @@ def conv2d(x, kernel, strides: int = 1, groups: int = 1):
     special = matmul_taps
   else:
     special = None
-  return _by_platform(special, plain, x, kernel)
+  return _by_platform(_special_paths(), special, plain, x, kernel)
 
 
 def _taps(x, k: int, s: int, ho: int, wo: int):
@@ -156,13 +161,10 @@ def global_average_pool(x):
                        preferred_element_type=accumulate)
     return (total / (h * w)).astype(x.dtype)
 
-  return _by_platform(contraction, mean, x)
+  return _by_platform(_special_paths(), contraction, mean, x)
 
 
 def add_bias(y, bias):
   """y + bias (broadcast over the last axis), outside the convolution's fusion where lowered for a platform in
   UNFUSED_BIAS."""
-  if not UNFUSED_BIAS:
-    return y + bias
-  return lax.platform_dependent(y, bias, default=lambda y, b: y + b,
-                                **{p: lambda y, b: lax.optimization_barrier(y) + b for p in UNFUSED_BIAS})
+  return _by_platform(UNFUSED_BIAS, lambda y, b: lax.optimization_barrier(y) + b, lambda y, b: y + b, y, bias)

@@ -107,3 +107,14 @@ def test_platforms_outside_special_paths_take_the_plain_convolution_and_mean(mon
   assert _lowered_ops(backend.global_average_pool, x) == {"reduce"}
   for got, cpu in zip((backend.conv2d(x, k), backend.global_average_pool(x)), cpu_results):
     np.testing.assert_allclose(got, cpu, rtol=1e-6)
+
+
+def test_the_unfused_bias_keeps_its_barrier_only_where_lowered_for_a_listed_platform(monkeypatch):
+  y, b = jnp.ones((2, 3, 3, 4)), jnp.arange(4.0)
+  lowered = lambda: jax.jit(lambda y, b: backend.add_bias(y, b)).lower(y, b).as_text()
+  assert "optimization_barrier" not in lowered()
+  monkeypatch.setattr(backend, "UNFUSED_BIAS", {jax.export.default_export_platform()})
+  assert "optimization_barrier" in lowered()
+  np.testing.assert_array_equal(backend.add_bias(y, b), y + b)
+  monkeypatch.setattr(backend, "UNFUSED_BIAS", {"tpu"})
+  assert "optimization_barrier" not in lowered()

@@ -5,6 +5,7 @@ project into, cloned from this checkout's last commit)."""
 
 import json
 import os
+import site
 import subprocess
 import sys
 
@@ -29,10 +30,15 @@ def _execute(name, first_cell=None, kernel_name="python3", folder=NOTEBOOKS):
 
 
 def _colab_kernel(tmp_path, monkeypatch) -> str:
-  """A kernel as on Colab: a fresh virtual environment (the packages already here visible, as Colab's are) with
+  """A kernel as on Colab: a fresh virtual environment (the packages of this interpreter visible, as Colab's are) with
   a stand-in ``google.colab`` package on its path. Returns the kernel's name."""
   venv, stand_in = tmp_path / "venv", tmp_path / "colab_stand_in"
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  # This interpreter's packages (a venv's, in CI's 3.13 job; --system-site-packages would give the base Python's).
+  venv_site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(venv_site, "here.pth"), "w") as f:
+    f.write("\n".join(site.getsitepackages()) + "\n")
   (stand_in / "google" / "colab").mkdir(parents=True)
   for module in ("__init__", "output"):  # JAX's debugger imports google.colab.output where google.colab is.
     (stand_in / "google" / "colab" / f"{module}.py").write_text('"""Stands in for Colab\'s own package."""\n')
@@ -67,7 +73,6 @@ def smoke_env(fmnist_dir, tmp_path, monkeypatch):
   return tmp_path
 
 
-@pytest.mark.slow  # The walkthrough's Colab branch below runs the same first cell.
 def test_colab_training_notebook_installs_trains_reparameterizes_and_verifies_as_on_colab(smoke_env, monkeypatch):
   text = _outputs(_run_as_on_colab("colab_tpu_training.ipynb", smoke_env, monkeypatch))
   assert "CpuDevice" in text and "deploy_accuracy" in text and "max |train - deploy|" in text
