@@ -32,8 +32,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 import repvgg_jax as rv  # pylint: disable=wrong-import-position
 from repvgg_jax import equivalence, training  # pylint: disable=wrong-import-position
-from tests.helpers import (FAMILY_TREES, MOBILEONE_SCALES, leaf_errors, random_variables,  # pylint: disable=wrong-import-position
-                           write_fake_fashion_mnist)
+from tests.helpers import (FAMILY_TREES, MOBILEONE_SCALES, leaf_errors,  # pylint: disable=wrong-import-position
+                           random_variables, write_fake_fashion_mnist)
 from tests.precision_emulation import emulated_accelerator_precision  # pylint: disable=wrong-import-position
 from tests.test_training import family_run_config  # pylint: disable=wrong-import-position
 from tests.wellposed import float64_apply  # pylint: disable=wrong-import-position

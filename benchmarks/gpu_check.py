@@ -73,7 +73,8 @@ def cpu_description() -> str:
   except OSError:
     pass
   wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-  return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(f for f in wanted if f in flags) or 'none of avx2/avx512/vnni/amx'}"
+  present = " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni/amx"
+  return f"{model}, {os.cpu_count()} CPUs, flags: {present}"
 
 
 def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
@@ -94,7 +95,8 @@ def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
   summary = next((line for line in reversed(lines) if re.search(r"\b(passed|failed|error|tests? collected)\b", line)),
                  None)
   if summary is None:  # Stopped: pytest's progress characters so far.
-    progress = "".join(re.sub(r"\s*\[\s*\d+%\]$", "", line) for line in lines if re.fullmatch(r"[.FEsx]+(\s*\[\s*\d+%\])?", line))
+    progress = "".join(re.sub(r"\s*\[\s*\d+%\]$", "", line) for line in lines
+                       if re.fullmatch(r"[.FEsx]+(\s*\[\s*\d+%\])?", line))
     summary = f"{progress.count('.')} passed, {progress.count('F')} failed, {progress.count('E')} errors so far"
   failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
   status = f"stopped at the {timeout_s:.0f} s limit" if code is None else f"exit status {code}"

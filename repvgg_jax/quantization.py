@@ -149,17 +149,18 @@ def _asymmetric_grid(low, high, xp=np):
 
 def _static_range(module: nn.Module, x):
   """Qwix's static "minmax" calibration of an activation Qwix does not see (per tensor): running sums of each
-  image's min (<= 0) and max (>= 0) in ``module``'s quant_stats ``POOL``, updated where that collection is
-  mutable. Returns the mean (low, high), this batch included."""
+  image's min (<= 0) and max (>= 0), averaged over the batch and the devices, in ``module``'s quant_stats ``POOL``,
+  updated where that collection is mutable. Returns the mean (low, high), this batch included."""
   zero = jnp.zeros((), jnp.float32)
   stat = module.variable("quant_stats", POOL, lambda: {"count": jnp.zeros((), jnp.int32), "sum_of_min": zero,
                                                        "sum_of_max": zero})
   if module.is_mutable_collection("quant_stats") and not module.is_initializing():
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     per_image = tuple(range(1, x.ndim))
-    stat.value = {"count": stat.value["count"] + 1,
-                  "sum_of_min": stat.value["sum_of_min"] + _mean_over_devices(jnp.mean(jnp.minimum(x.min(per_image), 0))),
-                  "sum_of_max": stat.value["sum_of_max"] + _mean_over_devices(jnp.mean(jnp.maximum(x.max(per_image), 0)))}
+    low = _mean_over_devices(jnp.mean(jnp.minimum(x.min(per_image), 0)))
+    high = _mean_over_devices(jnp.mean(jnp.maximum(x.max(per_image), 0)))
+    stat.value = {"count": stat.value["count"] + 1, "sum_of_min": stat.value["sum_of_min"] + low,
+                  "sum_of_max": stat.value["sum_of_max"] + high}
   count = jnp.maximum(stat.value["count"], 1).astype(jnp.float32)
   return stat.value["sum_of_min"] / count, stat.value["sum_of_max"] / count
 

@@ -61,23 +61,30 @@ def main():
 
 
 def qat_step(config, params, batch):
-  """A QAT step from calibrated statistics, on 8 devices and on 1: every replica must hold the same activation
-  ranges (without averaging over the devices each keeps its own share's and device 0's are saved), and the first
-  layer's, which nothing quantized precedes, must be the whole batch's. Deeper layers' ranges are not compared: the
-  quantized forward pass under an 8-device pmap already differs from the same pass on one device (eval, fixed
-  ranges: 3e-3 of the logits in float64, where the float model agrees to 4e-16), not yet understood."""
+  """A QAT step from calibrated statistics, the batch split over 8 devices against every device holding the whole
+  batch (what one device computes, in the same 8-device program): the activation ranges (each a mean over the
+  images a device saw) and the parameters must agree, and every replica must hold the same ranges (without the
+  averaging each keeps its own share's, and device 0's are saved).
+
+  The reference is not a one-device program: Qwix's scale puts each output channel's largest weight exactly on a
+  rounding tie (w / scale = +-127.5), and XLA compiles w / scale as a division in the 8-device program and as a
+  multiply by the reciprocal in the one-device one, so a few weights land one int8 step apart (3e-3 of the logits
+  in float64, in evaluation too, with nothing averaged)."""
   qmodel = quantization.fake_quantized(training.model_from_config(config, 10, deploy=True))
   stats = quantization.calibrate(qmodel, params, [batch["image"][:16]])
   learning_rate = optax.constant_schedule(1e-2)
   state = quantization.qat_state(qmodel, params, stats, optax.sgd(learning_rate))
-  eight, _ = one_step(state, batch, jax.devices(), learning_rate)  # Asserts that the replicas agree.
-  one, _ = one_step(state, batch, jax.devices()[:1], learning_rate)
-  first = next(iter(stats))
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.batch_stats[first]),
-                                                          jax.tree.leaves(stats[first])))
+  devices = jax.devices()
+  split, _ = one_step(state, batch, devices, learning_rate)  # Asserts that the replicas agree.
+  whole, _ = one_step(state, jax.tree.map(lambda x: jnp.concatenate([x] * len(devices)), batch), devices, learning_rate)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(whole.batch_stats), jax.tree.leaves(stats)))
   assert moved > 1e-4, "the QAT step did not update the activation statistics"
-  chex.assert_trees_all_close(eight.batch_stats[first], one.batch_stats[first], rtol=1e-6, atol=1e-7)
-  print(f"OK QAT on 8 devices == 1 device after one step ({first}'s input range; every replica alike)")
+  chex.assert_trees_all_close(split.batch_stats, whole.batch_stats, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(split.params, whole.params, rtol=1e-5, atol=1e-6)
+  worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(split.batch_stats), jax.tree.leaves(whole.batch_stats)))
+  print(f"OK QAT on 8 devices == the whole batch on each after one step; activation ranges' max abs difference "
+        f"{worst:.2e}")
 
 if __name__ == "__main__":
   main()

@@ -27,8 +27,8 @@ def _forms(name="RepVGG-A0", eps=rv.models.BN_EPSILON):
 
 
 MATMULS = {"@": lambda a, b: a @ b, "jnp.matmul": jnp.matmul, "jnp.dot": jnp.dot,
-           "jnp.einsum": lambda a, b: jnp.einsum("nij,jk->nik", a, b), "lax.dot_general": lambda a, b: jax.lax.dot_general(
-               a, b, (((2,), (0,)), ((), ())))}
+           "jnp.einsum": lambda a, b: jnp.einsum("nij,jk->nik", a, b),
+           "lax.dot_general": lambda a, b: jax.lax.dot_general(a, b, (((2,), (0,)), ((), ())))}
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the emulation is of accelerators, on the CPU")
