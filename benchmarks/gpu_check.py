@@ -25,6 +25,7 @@ smoke run's sizes are 2 images of 64 px, float32 only, and A0 alone in part 2.
 import argparse
 import collections
 import functools
+import importlib.util
 import os
 import platform
 import re
@@ -79,8 +80,9 @@ def cpu_description() -> str:
 
 def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
   """Part 1: pytest on TESTS, one process, the packages the image lacks blocked; the summary line."""
+  serial = ["-n", "0"] if importlib.util.find_spec("xdist") else []  # pyproject's -n 2 is replaced below anyway.
   command = [sys.executable, os.path.join("tests", "no_tensorflow.py"), f"--also={NOT_ON_THE_IMAGE}", "-m", "pytest",
-             "-n", "0", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra -m 'not slow'", *TESTS]
+             *serial, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra -m 'not slow'", *TESTS]
   if mode == "collect":
     command.append("--collect-only")
   start = time.time()
@@ -178,7 +180,6 @@ def main():
   tests = run_tests(args.tests, limit, os.path.join(args.out, "tests.log"))
 
   import jax  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from repvgg_jax import bench  # pylint: disable=g-import-not-at-top
 
   versions = f"jax {jax.__version__}"
