@@ -27,7 +27,6 @@ import collections
 import functools
 import importlib.util
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -58,24 +57,6 @@ class Report:
     with open(self.path, "w") as f:
       f.write("\n".join(self.sections))
     print(f"\n## {title} ({self.elapsed():.0f} s in)\n\n{body}", flush=True)
-
-
-def cpu_description() -> str:
-  """The host CPU's model and the vector extensions that decide CPU speed (DESIGN: every CPU figure names them)."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = set(value.split())
-  except OSError:
-    pass
-  wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-  present = " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni/amx"
-  return f"{model}, {os.cpu_count()} CPUs, flags: {present}"
 
 
 def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
@@ -192,7 +173,7 @@ def main():
   batch, size, repeats = (2, 64, 2) if args.smoke else (128, 224, 10)
   dtypes = ("float32",) if args.smoke else ("float32", "bfloat16")
   report.add("Device", f"{jax.devices()[0].device_kind} ({jax.default_backend()}); {versions}; host: "
-                       f"{cpu_description()}; {'smoke sizes' if args.smoke else f'batch {batch}, {size} px'}")
+                       f"{bench.cpu_description()}; {'smoke sizes' if args.smoke else f'batch {batch}, {size} px'}")
   report.add("1. Tests (serial, the image's packages, the device's default precision)", tests)
 
   def time_left(part: str) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from repvgg_jax import checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
+from repvgg_jax import bench, checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
 
 
 def batches(source, config, split: str, batch_size: int, limit: int = -1):
@@ -116,7 +116,8 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
     sessions = {graph: export.onnx_session(path, threads) for graph, path in paths.items()}
     sessions["int8 Qwix scales (ours)"] = export.onnx_session(
         export.to_onnx(deploy, params, int8=quantization.int8_layers(params, stats)), threads)
-    print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads, non-spinning sessions\n")
+    print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads, non-spinning sessions; "
+          f"{bench.cpu_description()}\n")
     print(speed_table(sessions, repeats, (3, image_size, image_size)))
 
 
@@ -157,7 +158,7 @@ def main():
     accuracies = {name: accuracy(session, source, config) for name, session in sessions.items()}
     print(f"\nonnxruntime {onnxruntime.__version__}, {threads} threads, non-spinning sessions, "
           f"{args.calibration_batches * 64} calibration images, Fashion-MNIST test split "
-          f"({source.num_examples(config.eval_split)} images)\n")
+          f"({source.num_examples(config.eval_split)} images); {bench.cpu_description()}\n")
     print("| model | file MB | test accuracy |\n|---|---|---|")
     for name in sessions:
       print(f"| {name} | {sizes[name]:.2f} | {accuracies[name]:.4f} |")

@@ -28,6 +28,7 @@ accuracy with BN folded, both in JAX, each pair interleaved in one run; and timm
 
 import functools
 import os
+import platform
 import statistics
 import time
 from typing import Callable, Optional
@@ -497,9 +498,28 @@ def plot_pairs(rows: list[dict], path: str) -> None:
   plot(points, batch, path)
 
 
+def cpu_description() -> str:
+  """The host CPU's model, core count and the vector extensions that decide CPU speed (AVX2, AVX-512, VNNI, AMX),
+  from /proc/cpuinfo where there is one: every CPU figure is printed beside it."""
+  model, cpu_flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          cpu_flags = set(value.split())
+  except OSError:
+    pass
+  wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+  present = " ".join(f for f in wanted if f in cpu_flags) or "none of avx2/avx512/vnni/amx"
+  return f"{model}, {os.cpu_count()} CPUs, flags: {present}"
+
+
 def header(engines) -> str:
   """The machine, the devices and the versions the numbers were measured with."""
-  text = (f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+  text = (f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}), host {cpu_description()}, "
           f"jax {jax.__version__}, {FLAGS.image_size} px, {FLAGS.repeats} timed calls, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   if "onnxruntime" in engines:
