@@ -7,7 +7,8 @@ Runs on the GPU machines' image as it is (jax with CUDA, flax, optax, chex, orba
 onnx, onnxruntime; no TensorFlow, tensorflow-datasets, ml_collections or qwix, and nothing can be installed): the
 repository is put on sys.path, not installed. JAX allocates GPU memory as it needs it (no preallocation), so torch
 and JAX share the card. Parts, in priority order; each starts only while the time budget (--budget_s) allows, and
-the report (OUT/gpu_check.md) is rewritten after each, so a run cut short keeps what it measured:
+the report (OUT/gpu_check.md) is rewritten after each, so a run cut short keeps what it measured; a part that fails
+is reported with its error and the next one starts:
 
 1. The model, reparam, equivalence, backend and export tests, serially (one process on the one GPU) at the device's
    default precision, with TensorFlow, tensorflow-datasets, ml_collections and qwix blocked (tests/no_tensorflow.py)
@@ -31,6 +32,8 @@ import re
 import subprocess
 import sys
 import time
+import traceback
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +60,16 @@ class Report:
     with open(self.path, "w") as f:
       f.write("\n".join(self.sections))
     print(f"\n## {title} ({self.elapsed():.0f} s in)\n\n{body}", flush=True)
+
+  def attempt(self, title: str, measure) -> Optional[object]:
+    """``measure()``, or None with its failure in the report: one loan, so one part's error (an out-of-memory, a
+    compiler's refusal) must not cost the parts after it."""
+    try:
+      return measure()
+    except Exception as e:  # pylint: disable=broad-except
+      self.add(f"{title}: failed", f"`{type(e).__name__}: {' '.join(str(e).split())[:500]}`\n\n```\n"
+                                   f"{traceback.format_exc()[-3000:]}```")
+      return None
 
 
 def run_tests(mode: str, timeout_s: float, log_path: str) -> str:
@@ -187,23 +200,32 @@ def main():
     for dtype in dtypes:
       if not time_left(f"2. {name} {dtype}"):
         continue
-      rows.append(bench.bench_one(name, batch, size, dtype, repeats, engines, train_step=True,
-                                  torch_compile=vs_torch))
-      report.add(f"2. The two forms against timm ({len(rows)} rows)", forms_table(rows))
+      row = report.attempt(f"2. {name} {dtype}", lambda: bench.bench_one(  # pylint: disable=cell-var-from-loop
+          name, batch, size, dtype, repeats, engines, train_step=True, torch_compile=vs_torch))
+      if row is not None:
+        rows.append(row)
+        report.add(f"2. The two forms against timm ({len(rows)} rows)", forms_table(rows))
 
   pair_rows = []
   for pair in bench.PAPER_PAIRS[:1] if args.smoke else bench.PAPER_PAIRS:
     if not time_left(f"3. {pair[0]} vs {pair[1]}"):
       break
-    pair_rows.append(bench.bench_pair(*pair, batch, size, "float32", repeats, engines))
-    report.add(f"3. Table 4's pairs, float32 ({len(pair_rows)} of {len(bench.PAPER_PAIRS)})",
-               bench.format_pairs(pair_rows))
+    row = report.attempt(f"3. {pair[0]} vs {pair[1]}", lambda: bench.bench_pair(  # pylint: disable=cell-var-from-loop
+        *pair, batch, size, "float32", repeats, engines))
+    if row is not None:
+      pair_rows.append(row)
+      report.add(f"3. Table 4's pairs, float32 ({len(pair_rows)} of {len(bench.PAPER_PAIRS)})",
+                 bench.format_pairs(pair_rows))
 
   if time_left("4. Backend paths"):
-    report.add("4. Backend paths (deploy img/s)", backend_paths(PAIR_MODELS[:1], batch, size, repeats, dtypes))
+    paths = report.attempt("4. Backend paths", lambda: backend_paths(PAIR_MODELS[:1], batch, size, repeats, dtypes))
+    if paths is not None:
+      report.add("4. Backend paths (deploy img/s)", paths)
   if time_left("4. Peak activation memory"):
-    report.add("4. Peak activation memory (float32, MB)",
-               bench.activation_memory(["RepVGG-A0", "ResNet-18"], (1, 2) if args.smoke else (1, 32, 128), size))
+    memory = report.attempt("4. Peak activation memory", lambda: bench.activation_memory(
+        ["RepVGG-A0", "ResNet-18"], (1, 2) if args.smoke else (1, 32, 128), size))
+    if memory is not None:
+      report.add("4. Peak activation memory (float32, MB)", memory)
   report.add("Done", f"{report.elapsed():.0f} s in all")
 
 

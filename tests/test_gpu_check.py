@@ -20,6 +20,7 @@ def test_gpu_check_runs_every_part_without_the_packages_the_gpu_image_lacks(tmp_
   with open(os.path.join(tmp_path, "tests.log")) as f:
     assert not [line for line in f if line.startswith(("ERROR", "FAILED"))]
   assert "tests collected" in report and "(exit status 0" in report
+  assert ": failed" not in report, report  # A part's error is reported and skipped on the GPU; here it fails.
   for part in ("2. The two forms against timm (1 rows)", "3. Table 4's pairs", "4. Backend paths",
                "4. Peak activation memory", "## Done"):
     assert part in report, part
