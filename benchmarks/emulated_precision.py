@@ -27,13 +27,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 
 import repvgg_jax as rv  # pylint: disable=wrong-import-position
 from repvgg_jax import equivalence, training  # pylint: disable=wrong-import-position
-from tests.helpers import (FAMILY_TREES, MOBILEONE_SCALES, leaf_errors,  # pylint: disable=wrong-import-position
-                           random_variables, write_fake_fashion_mnist)
+from tests.helpers import (FAMILY_TREES, MOBILEONE_SCALES, float64_fold,  # pylint: disable=wrong-import-position
+                           leaf_errors, random_variables, write_fake_fashion_mnist)
 from tests.precision_emulation import emulated_accelerator_precision  # pylint: disable=wrong-import-position
 from tests.test_training import family_run_config  # pylint: disable=wrong-import-position
 from tests.wellposed import float64_apply  # pylint: disable=wrong-import-position
@@ -41,15 +39,9 @@ from tests.wellposed import float64_apply  # pylint: disable=wrong-import-positi
 AT_DEFAULT_PRECISION = rv.reparam.__wrapped__  # The fold without its HIGHEST context: what ran before.
 
 
-def largest_leaf_error(fold, name: str, overrides: dict) -> tuple[str, float]:
-  variables = random_variables(rv.create_model(name, num_classes=10, **overrides), (1, 32, 32, 3))
-  with jax.enable_x64(True):
-    as64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
-    exact = jax.tree.map(np.asarray, rv.reparam(as64["params"], as64["batch_stats"]))
+def leaf_errors_under_emulation(fold, variables, exact) -> dict[str, float]:
   with emulated_accelerator_precision():
-    errors = leaf_errors(jax.jit(fold)(variables["params"], variables["batch_stats"]), exact)
-  worst = max(errors, key=errors.get)
-  return worst, errors[worst]
+    return leaf_errors(jax.jit(fold)(variables["params"], variables["batch_stats"]), exact)
 
 
 def end_of_run_error(fold, name: str, data_dir: str) -> str:
@@ -70,8 +62,11 @@ def families():
   print("| family (tree) | worst fused leaf | its error before | after | end-of-run error before | after |")
   print("|---|---|---|---|---|---|")
   for name, overrides in FAMILY_TREES:
-    leaf, before = largest_leaf_error(AT_DEFAULT_PRECISION, name, overrides)
-    _, after = largest_leaf_error(rv.reparam, name, overrides)
+    variables = random_variables(rv.create_model(name, num_classes=10, **overrides), (1, 32, 32, 3))
+    exact = float64_fold(variables)
+    before = leaf_errors_under_emulation(AT_DEFAULT_PRECISION, variables, exact)
+    leaf = max(before, key=before.get)
+    before, after = before[leaf], max(leaf_errors_under_emulation(rv.reparam, variables, exact).values())
     run_before, run_after = (end_of_run_error(fold, name, data_dir) for fold in (AT_DEFAULT_PRECISION, rv.reparam))
     print(f"| {name} | `{leaf}` | {before:.1e} | {after:.1e} | {run_before} | {run_after} |", flush=True)
 

@@ -42,7 +42,6 @@ import importlib.metadata
 import os
 from typing import MutableMapping
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

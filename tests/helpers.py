@@ -4,6 +4,9 @@ Init values (scale 1, bias 0, mean 0, var 1) would make every BatchNorm an ident
 so every leaf is drawn afresh, with numpy, from the shapes of the model's variables.
 """
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +58,19 @@ FAMILY_TREES = [("RepVGG-B1g2", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5))),
                 ("RepVGGplus-L2pse", dict(width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(1, 1, 2, 1))),
                 ("RepViT-M0.9", dict(depths=(1, 1, 1, 1)))]
 FLOAT32_FOLD = 1e-6  # Of a fused leaf's largest entry: float32 rounding; a bfloat16 or TF32 product is ~1e-3.
+
+
+def float64_fold(variables) -> dict:
+  """``reparam`` of ``variables`` computed in float64, as numpy: the exact fold a float32 one is compared with."""
+  import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    as64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
+    return jax.tree.map(np.asarray, rv.reparam(as64["params"], as64["batch_stats"]))
+
+
+def stablehlo_op_counts(text: str, ops=("convolution", "dot_general", "reduce")) -> collections.Counter:
+  """How often each of ``ops`` occurs in a lowered module's StableHLO text."""
+  return collections.Counter(re.findall(rf"stablehlo\.({'|'.join(ops)})\b", text))
 
 
 def leaf_errors(tree, exact) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import backend
-from tests.helpers import numpy_conv
+from tests.helpers import numpy_conv, stablehlo_op_counts
 
 NEW_JAXLIB = (0, 10)
 
@@ -91,8 +91,7 @@ def test_conv2d_equals_a_padded_reference_convolution_on_every_map_size(size, st
 
 def _lowered_ops(fn, *args) -> set[str]:
   # A fresh function each time: JAX caches traces by function, and SPECIAL_PATHS is read when tracing.
-  text = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
-  return set(re.findall(r"stablehlo\.(convolution|dot_general|reduce)\b", text))
+  return set(stablehlo_op_counts(jax.jit(lambda *a: fn(*a)).lower(*args).as_text()))
 
 
 def test_platforms_outside_special_paths_take_the_plain_convolution_and_mean(monkeypatch):

@@ -3,7 +3,6 @@ ONNX graph that onnxruntime runs with the JAX deploy model's logits."""
 
 import collections
 import os
-import re
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 import repvgg_jax as rv
 from repvgg_jax import backend, checkpoints, equivalence, export
 from tests import wellposed
-from tests.helpers import random_variables
+from tests.helpers import random_variables, stablehlo_op_counts
 
 SMALL = dict(num_classes=7, width_multiplier=(0.25, 0.25, 0.25, 0.5), num_blocks=(2, 2, 2, 1))
 
@@ -48,8 +47,8 @@ def test_exported_deploy_model_round_trips_for_any_batch(trained, tmp_path):
 
 
 def _op_counts(artifact: bytes) -> collections.Counter:
-  text = jax.export.deserialize(bytearray(artifact)).mlir_module()
-  return collections.Counter(re.findall(r"stablehlo\.(convolution|dot_general|reduce|multiply)\b", text))
+  return stablehlo_op_counts(jax.export.deserialize(bytearray(artifact)).mlir_module(),
+                             ("convolution", "dot_general", "reduce", "multiply"))
 
 
 def test_an_export_for_accelerators_made_on_any_host_holds_their_plain_convolutions():

@@ -11,7 +11,8 @@ from jax import lax
 import repvgg_jax as rv
 from repvgg_jax import models, repvgg
 from repvgg_jax.reparam import fuse_bn, fuse_block, identity_kernel, pad_1x1_to_3x3, reparam
-from tests.helpers import FAMILY_TREES, FLOAT32_FOLD, leaf_errors, numpy_block, numpy_conv, random_variables
+from tests.helpers import (FAMILY_TREES, FLOAT32_FOLD, float64_fold, leaf_errors, numpy_block, numpy_conv,
+                           random_variables)
 
 EXACT_F64 = 1e-12
 
@@ -207,9 +208,7 @@ def test_every_fused_leaf_is_the_exact_fold_at_accelerator_precision(name, overr
   convolution and dot, ``@``/``jnp.matmul``/``jnp.einsum`` included, rounded to bfloat16 unless at HIGHEST) gives
   the float64 fold to float32 rounding, leaf by leaf; RepViT's head fold at the default precision does not."""
   variables = random_variables(rv.create_model(name, num_classes=10, **overrides), (1, 32, 32, 3))
-  with jax.enable_x64(True):
-    as64 = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
-    exact = jax.tree.map(np.asarray, reparam(as64["params"], as64["batch_stats"]))
+  exact = float64_fold(variables)
   fused = jax.jit(reparam)(variables["params"], variables["batch_stats"])
   errors = leaf_errors(fused, exact)
   worst = max(errors, key=errors.get)
