@@ -9,8 +9,9 @@ Exports the run's deploy params to ONNX (float32), quantizes it with ``onnxrunti
 uint8 activations, int8 weights, MinMax calibration on training images), once with per-tensor and once
 with per-channel weight scales, then prints accuracy on the whole Fashion-MNIST test split and onnxruntime
 throughput (batch 1 and 32, interleaved, non-spinning sessions) for each, and the same for
-``<workdir>/deploy_int8.onnx`` where ``python -m repvgg_jax.quantize`` wrote one (Qwix's scales). RepVGG is known
-to lose accuracy under naive INT8: the fused kernels' value ranges are wide (identity and 1x1 branches summed
+``<workdir>/deploy_int8.onnx`` where ``python -m repvgg_jax.quantize`` wrote one (its 7-bit weights and ranges),
+with the CPU's model and flags (``bench.cpu_description``): what is fastest on one CPU kind says little about
+another. RepVGG is known to lose accuracy under naive INT8: the fused kernels' value ranges are wide (identity and 1x1 branches summed
 into the centre tap). ``--speed_model`` times the same graphs of an untrained full-size model.
 """
 
@@ -28,6 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from repvgg_jax import bench, checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
+
+
+OURS = "ours (int8, 7-bit weights)"  # python -m repvgg_jax.quantize's graph (quantization.py's scheme).
 
 
 def batches(source, config, split: str, batch_size: int, limit: int = -1):
@@ -98,7 +102,7 @@ def speed_table(sessions: dict, repeats: int, shape) -> str:
 
 
 def speed_only(name: str, image_size: int, repeats: int) -> None:
-  """onnxruntime float32, its own PTQ and our INT8 graph (Qwix scales; both calibrated on the same random images)
+  """onnxruntime float32, its own PTQ and our INT8 graph (both calibrated on the same random images)
   of an untrained full-size model: speed only, as accuracy needs ImageNet."""
   import jax  # pylint: disable=g-import-not-at-top
   import repvgg_jax as rv  # pylint: disable=g-import-not-at-top
@@ -114,7 +118,7 @@ def speed_only(name: str, image_size: int, repeats: int) -> None:
     export.to_onnx(deploy, params, fp32)
     paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(x.transpose(0, 3, 1, 2) for x in images))}
     sessions = {graph: export.onnx_session(path, threads) for graph, path in paths.items()}
-    sessions["int8 Qwix scales (ours)"] = export.onnx_session(
+    sessions[OURS] = export.onnx_session(
         export.to_onnx(deploy, params, int8=quantization.int8_layers(params, stats)), threads)
     print(f"\n{name}, {image_size} px, untrained weights, onnxruntime, {threads} threads, non-spinning sessions; "
           f"{bench.cpu_description()}\n")
@@ -152,7 +156,7 @@ def main():
         images for images, _, _ in batches(source, config, "train", 64, args.calibration_batches)))}
     ours = os.path.join(args.workdir, "deploy_int8.onnx")  # python -m repvgg_jax.quantize's graph, if written.
     if os.path.exists(ours):
-      paths["int8 Qwix scales (ours)"] = ours
+      paths[OURS] = ours
     sessions = {name: export.onnx_session(path, threads) for name, path in paths.items()}
     sizes = {name: os.path.getsize(path) / 2**20 for name, path in paths.items()}
     accuracies = {name: accuracy(session, source, config) for name, session in sessions.items()}

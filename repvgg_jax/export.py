@@ -79,8 +79,8 @@ class OnnxGraph:
   ``int8`` (``quantization.int8_layers``: per INT8 layer, named by the network's ``quantized_modules``, an input
   grid, int8 weights and per-output-channel weight scales), a convolution or the classifier of a listed layer is
   emitted in QDQ form: its input through QuantizeLinear/DequantizeLinear on its static grid (as uint8, the zero
-  point moved by 128: the same grid), its weight the int8 grid as uint8 (zero point 128) and its bias an int32
-  tensor behind per-channel DequantizeLinear ops, which onnxruntime fuses into integer kernels (a ReLU before a
+  point moved by 128: the same grid), its weight int8 (zero point 0) and its bias an int32 tensor behind
+  per-channel DequantizeLinear ops, which onnxruntime fuses into integer kernels (a ReLU before a
   zero point of 0 folds away); the rest stays float.
   """
 
@@ -129,14 +129,12 @@ class OnnxGraph:
     if grid is None:
       return (self.constant(f"{name}.weight", layout(np.asarray(params["kernel"]))),
               self.constant(f"{name}.bias", params["bias"]))
-    # The int8 weights as uint8 with a zero point of 128 (the same grid): onnxruntime multiplies u8 x u8 in 16 bits,
-    # exactly, while its u8 x s8 kernels on CPUs without VNNI (AVX2) saturate pairs of products at 16 bits, which put
-    # an AVX2 machine's logits 1.22 of their spread off the JAX model's on a shallow MobileOne (u8 x u8: 0.11, as
-    # onnxruntime's float emulation of the same graph).
+    # int8 weights (on the 7-bit grid of quantization.INT8_WEIGHT_BITS, so that CPUs without VNNI, which add pairs of
+    # u8 x s8 products in 16 bits, never saturate), zero point 0: onnxruntime's fast u8 x s8 kernels everywhere.
     q, scale = layout(grid["weight"]), grid["weight_scale"]
-    w = self.node("DequantizeLinear", [self.constant(f"{name}.weight_uint8", np.asarray(q, np.int16) + 128, np.uint8),
+    w = self.node("DequantizeLinear", [self.constant(f"{name}.weight_int8", q, np.int8),
                                        self.constant(f"{name}.weight_scale", scale),
-                                       self.constant(f"{name}.weight_zero_point", np.full(scale.shape, 128), np.uint8)],
+                                       self.constant(f"{name}.weight_zero_point", np.zeros(scale.shape), np.int8)],
                   f"{name}.weight", axis=axis)
     # int32 at the input scale times the weight scales, as integer kernels add it (<= half a step off).
     bias_scale = np.float32(grid["input_scale"]) * scale

@@ -5,7 +5,8 @@
 reads ``<workdir>/deploy`` (a finished run, or converted weights saved there), calibrates on training images,
 evaluates float32 / PTQ / QAT on the eval split, and writes ``<workdir>/int8_metrics.json`` and
 ``<workdir>/deploy_int8.onnx`` (only once onnxruntime agrees with the JAX fake-quantized logits).
-``--weight_bits=4`` is the W4A8 stress setting in JAX fake quantization only (``w4a8_metrics.json``, no ONNX).
+``--weight_bits=8`` (the default) is the INT8 graph, int8 weights on a 7-bit grid (``quantization.INT8_WEIGHT_BITS``);
+``--weight_bits=4`` the W4A8 stress setting in JAX fake quantization only (``w4a8_metrics.json``, no ONNX).
 QAT runs the training loop's own step (``steps.train_step``: the config's optimizer, label smoothing and data,
 one finiteness check) and evaluates with its ``eval_step``; the learning rate is ``--qat_learning_rate`` (by
 default 1/100 of the config's own peak, so that SGD and AdamW recipes each get theirs), cosine to 0, without
@@ -47,7 +48,7 @@ def _onnx_accuracy(session, source, config, batch: int) -> float:
 QAT_FRACTION_OF_PEAK = 0.01
 
 
-def fine_tune(qmodel, params, stats, source, config, batch: int) -> tuple[dict, dict]:
+def fine_tune(qmodel, weight_bits: int, params, stats, source, config, batch: int) -> tuple[dict, dict]:
   """QAT for ``--qat_epochs`` through ``steps.train_step``; returns (params, quant_stats). A non-finite loss or
   update is a UserError (PTQ's results stand; nothing is written)."""
   steps_per_epoch = source.num_examples(config.train_split) // batch
@@ -57,7 +58,7 @@ def fine_tune(qmodel, params, stats, source, config, batch: int) -> tuple[dict, 
     peak = QAT_FRACTION_OF_PEAK * config.learning_rate * batch / 256
   schedule = optax.cosine_decay_schedule(peak, max(num_steps, 1))
   optimizer = steps.create_optimizer(config, schedule, optax.constant_schedule(0.0))
-  state = steps.replicate(quantization.qat_state(qmodel, params, stats, optimizer, FLAGS.weight_bits))
+  state = steps.replicate(quantization.qat_state(qmodel, params, stats, optimizer, weight_bits))
   p_step = jax.pmap(functools.partial(steps.train_step, learning_rate=schedule, num_classes=source.num_classes,
                                       label_smoothing=config.label_smoothing), axis_name=steps.AXIS,
                     donate_argnums=(0,))
@@ -99,17 +100,17 @@ def main(argv):
     raise cli.UserError(f"{deploy_dir} holds no deploy params of the config's model: {e}") from e
   devices = jax.local_device_count()
   batch = max(min(config.batch_size, 256) // devices, 1) * devices
-  qmodel, bits = quantization.fake_quantized(deploy), FLAGS.weight_bits
+  qmodel = quantization.fake_quantized(deploy)
+  bits = quantization.INT8_WEIGHT_BITS if FLAGS.weight_bits == 8 else FLAGS.weight_bits  # The grid's bits.
   quantized_apply = quantization.fake_quantized_apply(qmodel, bits)
 
-  metrics = {"weight_bits": bits, "act_bits": 8}
+  metrics = {"weight_bits": FLAGS.weight_bits, "weight_grid_bits": bits, "act_bits": 8}
   metrics["float32"] = _jax_accuracy(deploy.apply, {"params": params}, source, config, batch)
   logging.info("float32 deploy model: eval accuracy %.4f", metrics["float32"])
   train = input_pipeline.train_dataset(source, config, batch, seed=config.seed).as_numpy_iterator()
-  ptq_weights = quantization.quantize_weights(params, bits)  # Once, not per batch.
-  stats = quantization.calibrate(qmodel, ptq_weights, (next(train)["image"] for _ in range(FLAGS.calibration_batches)))
+  stats = quantization.calibrate(qmodel, params, (next(train)["image"] for _ in range(FLAGS.calibration_batches)), bits)
   metrics["ptq"] = _jax_accuracy(quantized_apply, {"params": params, "batch_stats": stats}, source, config, batch)
-  logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", bits,
+  logging.info("PTQ (W%dA8, %d calibration batches of %d training images): eval accuracy %.4f", FLAGS.weight_bits,
                FLAGS.calibration_batches, batch, metrics["ptq"])
   metrics["kernel_sqnr_db"] = {k: {"per_tensor": t, "per_channel": c}
                                for k, (t, c) in quantization.kernel_sqnr(params).items()}
@@ -117,11 +118,11 @@ def main(argv):
   held_out = next(input_pipeline.eval_batches(source, config, batch))["image"]
   metrics["activation_sqnr_db"] = quantization.activation_sqnr(deploy, params, stats, held_out)
   if FLAGS.qat_epochs > 0:
-    params, stats = fine_tune(qmodel, params, stats, source, config, batch)
+    params, stats = fine_tune(qmodel, bits, params, stats, source, config, batch)
     metrics["qat"] = _jax_accuracy(quantized_apply, {"params": params, "batch_stats": stats}, source, config, batch)
     metrics["qat_epochs"] = FLAGS.qat_epochs
     logging.info("QAT (%s epochs): eval accuracy %.4f", FLAGS.qat_epochs, metrics["qat"])
-  if bits == 8:
+  if FLAGS.weight_bits == 8:
     proto = export.to_onnx(deploy, jax.device_get(params), int8=quantization.int8_layers(params, stats))
     try:
       metrics["onnx_vs_jax"] = quantization.check_int8_onnx(proto, qmodel, params, stats, held_out)
@@ -132,7 +133,7 @@ def main(argv):
     metrics["onnx_int8"] = _onnx_accuracy(export.onnx_session(path), source, config, batch)
     logging.info("Wrote %s: onnxruntime INT8 eval accuracy %.4f; vs JAX %s", path, metrics["onnx_int8"],
                  metrics["onnx_vs_jax"])
-  path = os.path.join(workdir, "int8_metrics.json" if bits == 8 else "w4a8_metrics.json")
+  path = os.path.join(workdir, "int8_metrics.json" if FLAGS.weight_bits == 8 else "w4a8_metrics.json")
   quantization.write_metrics(path, metrics)
   logging.info("Wrote %s", path)
 
@@ -145,7 +146,8 @@ def _define_flags():
   flags.DEFINE_float("qat_learning_rate", None, "Peak learning rate of the fine-tuning (cosine to 0); default "
                      f"{QAT_FRACTION_OF_PEAK} of the config's peak (learning_rate x batch / 256).")
   flags.DEFINE_integer("calibration_batches", 8, "Training batches for the static activation scales.")
-  flags.DEFINE_integer("weight_bits", 8, "Weight bits, 8 or 4 (activations: 8); 4 is JAX-only (no ONNX).")
+  flags.DEFINE_integer("weight_bits", 8, "Weight bits, 8 (the INT8 graph: int8 weights on a 7-bit grid) or 4 "
+                       "(JAX-only, no ONNX); activations: 8.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

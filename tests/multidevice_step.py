@@ -62,14 +62,10 @@ def main():
 
 def qat_step(config, params, batch):
   """A QAT step from calibrated statistics, the batch split over 8 devices against every device holding the whole
-  batch (what one device computes, in the same 8-device program): the activation ranges (each a mean over the
-  images a device saw) and the parameters must agree, and every replica must hold the same ranges (without the
-  averaging each keeps its own share's, and device 0's are saved).
-
-  The reference is not a one-device program: Qwix's scale puts each output channel's largest weight exactly on a
-  rounding tie (w / scale = +-127.5), and XLA compiles w / scale as a division in the 8-device program and as a
-  multiply by the reciprocal in the one-device one, so a few weights land one int8 step apart (3e-3 of the logits
-  in float64, in evaluation too, with nothing averaged)."""
+  batch (what one device computes, in the same 8-device program): the activation ranges (each the batch's
+  extremes, over the images a device saw and then over the devices) and the parameters must agree, and every
+  replica must hold the same ranges (without the reduction over devices each keeps its own share's, and device
+  0's are saved)."""
   qmodel = quantization.fake_quantized(training.model_from_config(config, 10, deploy=True))
   stats = quantization.calibrate(qmodel, params, [batch["image"][:16]])
   learning_rate = optax.constant_schedule(1e-2)

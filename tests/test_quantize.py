@@ -105,11 +105,16 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
   stats = quantization.calibrate(qmodel, params, [x, 2 * x])
   layers = quantization.int8_layers(params, stats)
   layer = layers["stage0"]
-  assert layer["weight"].dtype == np.int8 and np.abs(layer["weight"]).max() == 127
-  # Static range: the mean over the two batches of the per-example min and max (Qwix averages over the batch
-  # axis), 255 steps, zero point -128 - min / scale.
-  flat = np.asarray(x).reshape(4, -1)
-  low, high = flat.min(1).mean(), flat.max(1).mean()
+  # Weights: int8 on the 7-bit grid, each output channel's largest |w| at 63, the rest within half a step.
+  kernel = np.asarray(params["stage0"]["rbr_reparam"]["kernel"], np.float64)
+  assert layer["weight"].dtype == np.int8
+  np.testing.assert_array_equal(np.abs(layer["weight"]).reshape(-1, 8).max(0), 63)
+  step = np.abs(kernel).reshape(-1, 8).max(0) / 63
+  np.testing.assert_allclose(layer["weight_scale"], step, rtol=1e-6)
+  assert np.abs(layer["weight"] - kernel / step).max() <= 0.5 + 1e-5
+  # Static range: the mean over the two batches of each batch's min and max, 255 steps, zero point
+  # -128 - min / scale.
+  low, high = float(np.asarray(x).min()), float(np.asarray(x).max())
   s, zero = layer["input_scale"], layer["input_zero_point"]
   assert s == pytest.approx(1.5 * (high - low) / 255, rel=1e-6) and zero == round(-128 - 1.5 * low / s)
   w = layer["weight"] * layer["weight_scale"]
@@ -122,14 +127,92 @@ def test_int8_layers_are_the_integers_and_scales_the_jax_model_computes_with():
 
   # The pool's input grid, calibrated the same way on the block's output: Qwix updates the running mean, then
   # quantizes with it, so the first batch saw its own input range and the second the mean of both.
-  per_image_max = [block(x, 1.0).reshape(4, -1).max(1).mean(), block(2 * x, 1.5).reshape(4, -1).max(1).mean()]
-  pool_high = np.mean(per_image_max)
+  pool_high = np.mean([block(x, 1.0).max(), block(2 * x, 1.5).max()])
   assert layers[quantization.POOL]["input_scale"] == pytest.approx(pool_high / 255, rel=1e-6)
   assert layers[quantization.POOL]["input_zero_point"] == -128  # After a ReLU: 256 steps over [0, max].
   expected = _on_the_grid(block(x, 1.5), 0.0, pool_high)
   got = quantization.logits(qmodel, params, stats, x)
   np.testing.assert_allclose(got, expected, atol=2e-6 * float(np.abs(expected).max()))
   assert len(np.unique(np.round(np.asarray(got) / (pool_high / 255), 3) % 1)) == 1  # On the grid.
+
+
+def test_the_exported_weights_are_bit_for_bit_those_every_jax_program_multiplies():
+  """``int8_layers`` computes the weight grid in float32 numpy; the JAX model computes it inside whichever XLA
+  program runs it (eager, jitted, pmapped, differentiated), and XLA may turn a division into a multiplication by
+  the reciprocal in one program and not in another. On a kernel built of rounding ties (w = (k + 1/2) steps),
+  every program must dequantize to exactly the exported integers times the exported scales."""
+  rng = np.random.default_rng(0)
+  absmax = rng.uniform(0.01, 3.0, size=8).astype(np.float32)
+  kernel = ((rng.integers(-63, 63, size=(3, 3, 8, 8)) + 0.5) * (absmax / 63)).astype(np.float32)
+  kernel[0, 0, 0] = absmax * np.where(np.arange(8) % 2, 1, -1)  # Each channel's largest |w|, both signs.
+  params = {"stage0": {"rbr_reparam": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(8)}}}
+  near_tie = np.abs(np.abs(kernel / (absmax / 63)) % 1 - 0.5) < 1e-4
+  assert near_tie.mean() > 0.9
+  qmodel = quantization.fake_quantized(_OneConv())
+  layer = quantization.int8_layers(params, quantization.calibrate(qmodel, params, [jnp.ones((1, 4, 4, 8))]))["stage0"]
+  exported = layer["weight"].astype(np.float32) * layer["weight_scale"]  # DequantizeLinear, in float32.
+  kernel_of = lambda p: quantization.quantize_weights(p)["stage0"]["rbr_reparam"]["kernel"]
+  programs = {"eager": kernel_of(params), "jit": jax.jit(kernel_of)(params),
+              "pmap": jax.pmap(kernel_of)(jax.tree.map(lambda a: a[None], params))[0],
+              "grad": jax.jit(lambda p: jax.vjp(kernel_of, p)[0])(params)}
+  for name, got in programs.items():
+    np.testing.assert_array_equal(np.asarray(got), exported, err_msg=name)
+
+
+# onnxruntime in a subprocess: the INT8 graph's logits on saved images (one thread, as the emulator is slow).
+_ORT_LOGITS = """
+import sys, numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+if sys.argv[4:] == ["float"]:  # The QDQ graph as written, in float: no integer kernels, nothing saturates.
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+np.save(sys.argv[3], session.run(["logits"], {"images": np.load(sys.argv[2])})[0])
+"""
+CPU_WITHOUT_VNNI = "EPYC-Milan"  # AMD family 25 model 1: AVX2, no AVX-512, no VNNI (QEMU's CPU model).
+
+
+def test_the_int8_graph_computes_the_same_logits_on_a_cpu_without_vnni(tmp_path):
+  """x86 CPUs without VNNI multiply u8 activations by s8 weights in pairs added in 16 bits, saturating. The
+  graph's 7-bit weights never reach that bound: onnxruntime on an AVX2 CPU (emulated by QEMU's user mode, which
+  reports EPYC-Milan's CPUID, so onnxruntime picks its AVX2 kernels) gives exactly the logits of this machine's
+  kernels, and those of the graph evaluated in float up to requantization. The same graph with full-range int8
+  weights saturates there (the mutation the test must catch, whatever this machine's CPU)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("onnxruntime")
+  if shutil.which("qemu-x86_64") is None:
+    pytest.skip("needs QEMU's user mode (apt-get install qemu-user)")
+  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
+  overrides = dict(num_classes=10, width_multiplier=(0.5,) * 4, num_blocks=(1, 1, 1, 1))
+  model, deploy = rv.create_model("MobileOne-S0", **overrides), rv.create_model("MobileOne-S0", deploy=True, **overrides)
+  variables = wellposed.well_posed_variables(model, (32, 32, 3), dtype=np.float32)
+  params = rv.reparam(variables["params"], variables["batch_stats"])
+  qmodel = quantization.fake_quantized(deploy)
+  stats = quantization.calibrate(qmodel, params, [wellposed.images((16, 32, 32, 3), s).astype(np.float32)
+                                                  for s in (1, 2)])
+  layers = quantization.int8_layers(params, stats)
+  full_range = {name: dict(grid) for name, grid in layers.items()}
+  for name, _, tree in quantization.quantized_layers(params):
+    integers, scale = quantization._symmetric_grid(np.asarray(tree["kernel"], np.float32), 8, axis=-1)
+    full_range[name].update(weight=integers.astype(np.int8), weight_scale=scale.reshape(-1))
+  np.save(tmp_path / "images.npy", wellposed.images((32, 32, 32, 3), 7).astype(np.float32).transpose(0, 3, 1, 2))
+  (tmp_path / "logits.py").write_text(_ORT_LOGITS)
+
+  def logits(int8, emulated: bool = False, integer: bool = True):
+    path = str(tmp_path / "int8.onnx")
+    export.to_onnx(deploy, jax.device_get(params), path, int8=int8)
+    emulator = ["qemu-x86_64", "-cpu", CPU_WITHOUT_VNNI] if emulated else []
+    result = subprocess.run([*emulator, sys.executable, str(tmp_path / "logits.py"), path,
+                             str(tmp_path / "images.npy"), str(tmp_path / "logits.npy"), *([] if integer else ["float"])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(tmp_path / "logits.npy")
+
+  avx2 = logits(layers, emulated=True)
+  np.testing.assert_array_equal(avx2, logits(layers))  # Exact integers on both machines' kernels.
+  assert wellposed.spread_error(avx2, logits(layers, integer=False)) < 0.05  # Measured 0.009.
+  saturated = wellposed.spread_error(logits(full_range, emulated=True), logits(full_range, integer=False))
+  assert saturated > 0.1  # Measured 0.66 (this machine's kernels, with VNNI: 0.006).
 
 
 def test_a_grouped_convolution_trains_with_the_gradients_of_its_dense_equivalent():
@@ -186,7 +269,7 @@ def test_w4_weights_sit_on_a_4_bit_grid_per_channel_with_straight_through_gradie
   for kernel, original in ((w4["stage0"]["rbr_reparam"]["kernel"], params["stage0"]["rbr_reparam"]["kernel"]),
                            (w4["linear"]["kernel"], params["linear"]["kernel"])):
     for c in range(kernel.shape[-1]):
-      steps = np.asarray(kernel[..., c]) / (np.abs(np.asarray(original[..., c])).max() / 7.5)
+      steps = np.asarray(kernel[..., c]) / (np.abs(np.asarray(original[..., c])).max() / 7)
       np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)  # Integers ...
       assert np.abs(np.round(steps)).max() <= 7  # ... in [-7, 7].
   assert w4["stage0"]["rbr_reparam"]["bias"] is params["stage0"]["rbr_reparam"]["bias"]
