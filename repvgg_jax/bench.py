@@ -30,16 +30,18 @@ import functools
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
 import repvgg_jax as rv
-from repvgg_jax import cli, families, resnet
+from repvgg_jax import cli, export, families, resnet, steps
 from repvgg_jax.equivalence import logits_at_full_precision, max_relative_error
 
 flags.DEFINE_list("models", ["RepVGG-A0"], "Official variant names, and the baselines ResNet-18/34/50/101/152.")
@@ -192,9 +194,6 @@ def _torch_calls(name: str, batch: int, size: int, dtype_name: str, compile_depl
 
 def _onnx_calls(name: str, deploy, plain, x, with_timm: bool) -> dict:
   """onnxruntime on this project's ONNX export of the deploy form, and on timm's exported deploy model."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
-
   threads = os.cpu_count() or 1
   images = {"images": np.asarray(x).transpose(0, 3, 1, 2)}
   calls = {}
@@ -285,9 +284,6 @@ def _torch_train_step_call(name: str, batch: int, size: int, dtype_name: str) ->
 
 def _train_step_call(model, variables, x) -> Callable[[], object]:
   """One SGD step of the project's pmapped training step (on one device), as a zero-argument function."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from repvgg_jax import steps  # pylint: disable=g-import-not-at-top
-
   tx = optax.sgd(0.01, momentum=0.9)
   state = steps.TrainState.create(apply_fn=model.clone(bn_axis_name=steps.AXIS).apply,
                                   params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],

@@ -19,10 +19,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from repvgg_jax import run_layout
 from repvgg_jax.errors import CheckpointError
 
 STATE, META = "state", "meta"
-CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>
+CHECKPOINTS = run_layout.CHECKPOINTS  # <workdir>/checkpoints/<step>
 DAMAGED = "checkpoints_damaged"  # Beside ``checkpoints``: orbax must not see set-aside steps as its own.
 FREE_SPACE_FACTOR = 2  # A save writes the new checkpoint before the policy deletes an old one.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <path><TMP_SUFFIX>... and renames it to <path> when whole.

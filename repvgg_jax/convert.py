@@ -19,10 +19,10 @@ import os
 import jax
 from absl import app, flags
 
-from repvgg_jax import checkpoints, cli, export
-from repvgg_jax.families import create_model, num_classes
+from repvgg_jax import checkpoints, cli, export, run_layout
+from repvgg_jax.families import create_model, load_pytorch_state_dict, num_classes, to_numpy_state_dict
 from repvgg_jax.models import input_channels
-from repvgg_jax.torch_weights import as_torch, load_pytorch_state_dict, to_numpy_state_dict
+from repvgg_jax.torch_weights import as_torch
 from repvgg_jax.weights import NEEDS_TORCH, VERIFY_SHAPE, fused, load_orbax, load_pth
 
 flags.DEFINE_string("model", None, "Official variant name, e.g. RepVGG-A0.")
@@ -43,8 +43,8 @@ def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
   if "batch_stats" in variables:
     checkpoints.save_tree(os.path.join(out, "train"), jax.device_get(variables))
     written.append(os.path.join(out, "train"))
-  checkpoints.save_tree(os.path.join(out, "deploy"), jax.device_get(deploy_params))
-  return written + [os.path.join(out, "deploy")]
+  checkpoints.save_tree(run_layout.path(out, run_layout.DEPLOY), jax.device_get(deploy_params))
+  return written + [run_layout.path(out, run_layout.DEPLOY)]
 
 
 def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official") -> None:

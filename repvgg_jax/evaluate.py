@@ -12,6 +12,7 @@ the eval batches of training (every image once).
 import functools
 
 import jax
+from absl import app, flags
 
 from repvgg_jax import cli, families, input_pipeline, training, weights
 from repvgg_jax.models import given_overrides
@@ -47,7 +48,6 @@ def evaluate_weights(config, path: str) -> dict:
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,redefined-outer-name
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   flags_ = flags.FLAGS
@@ -62,7 +62,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "The model and eval data, e.g. configs/a0.py.", lock_config=True)
   flags.DEFINE_string("weights", None, "A .pth / .safetensors file, an orbax tree, or a run's workdir.")

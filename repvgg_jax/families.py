@@ -1,7 +1,9 @@
-"""The registry of model families, and the entry points that look a model up in it.
+"""The registry of model families, and the entry points that look a model up in it: ``create_model`` by name,
+``reparam`` and ``fuse_block`` by the tree or block they are given, PyTorch weights in (by name) and out (by tree).
 
 A family enters with one line in ``FAMILIES``: its ``plan.Family`` record (variants, network, fusion, PyTorch
-weights). Nothing else in the shared code names a family.
+weights). Nothing else in the shared code names a family; the machinery the entry points dispatch to (``reparam``'s
+pure functions, ``torch_weights``' key maps) sits below the family modules and knows no registry.
 """
 
 import difflib
@@ -12,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import mobileone, plan, qarepvgg, repvgg, repvggplus, repvit
+from repvgg_jax import mobileone, plan, qarepvgg, repvgg, repvggplus, repvit, torch_weights
+from repvgg_jax.models import BN_EPSILON
+from repvgg_jax.reparam import at_highest_precision
 
 FAMILIES: tuple[plan.Family, ...] = (repvgg.FAMILY, mobileone.FAMILY, repvggplus.FAMILY, qarepvgg.FAMILY,
                                      repvit.FAMILY)
@@ -83,3 +87,63 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False, dt
   kwargs = {} if out_indices is None else {"out_indices": out_indices}
   return family.create(name, family.variants[name], num_classes=num_classes, deploy=deploy, dtype=dtype,
                        features_only=features_only, **kwargs, **overrides)
+
+
+@at_highest_precision
+def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSILON,
+               path: tuple[str, ...] = ()) -> dict:
+  """One training-time block's params and batch_stats -> the plain block's params, by the fuse rule of the
+  block kind that claims it (``fuse_rules``): e.g. a RepVGG block {rbr_dense, rbr_1x1, rbr_identity, se} ->
+  {rbr_reparam: {kernel (3,3,I,O), bias (O,)}, se}. ``path`` names the block in errors."""
+  rules = fuse_rules()
+  rule = next((r for r in rules if r.claims(block_params)), rules[-1])  # The first family's checks name the problem.
+  return rule.fuse(block_params, block_stats, eps, path)
+
+
+@at_highest_precision
+def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
+  """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly, by the fuse rules of
+  the family the tree belongs to (``of_params``). Pure and jittable. ``eps`` must equal the BatchNorm epsilon of
+  the trained model. Mismatched or partial trees raise ValueError naming the path.
+  """
+  if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
+    raise ValueError("reparam takes two mappings: variables['params'] and variables['batch_stats'].")
+  if "params" in params:
+    raise ValueError("reparam got a whole variables dict; call reparam(variables['params'], "
+                     "variables['batch_stats']).")
+  return of_params(params).reparam(params, batch_stats, eps)
+
+
+def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
+                            deploy: Optional[bool] = None, **overrides) -> dict:
+  """A PyTorch state_dict of an official variant, in one of its family's namings and either form -> Flax
+  variables.
+
+  Args:
+    state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
+      ``num_batches_tracked`` buffers are ignored.
+    name: the official variant name, e.g. "RepVGG-A0", "MobileOne-S0" or "RepViT-M0.9".
+    num_classes: the head size; None reads it from the checkpoint.
+    deploy: expected form; None detects it from the keys. A mismatch is an error.
+    **overrides: passed to ``create_model``.
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
+    for the deploy form.
+  """
+  return torch_weights.from_state_dict(family_of(name), state_dict, name, num_classes=num_classes, deploy=deploy,
+                                       **overrides)
+
+
+def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
+  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and one of the
+  family's namings ("official": DingXiaoH's for RepVGG and RepVGGplus, cxxgtxy/QARepVGG's for QARepVGG,
+  apple/ml-mobileone's for MobileOne; "timm": RepVGG, MobileOne and RepViT, whose only naming it is); no torch
+  needed (``safetensors.numpy.save_file`` writes it). BatchNorm layers get the ``num_batches_tracked`` buffer
+  (int64 0) PyTorch expects, so ``load_state_dict`` is strict.
+  """
+  return torch_weights.to_state_dict(of_params(variables["params"]), variables, naming)
+
+
+def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
+  """``to_numpy_state_dict`` as torch tensors, for ``torch.save`` and ``load_state_dict``."""
+  return torch_weights.as_torch(to_numpy_state_dict(variables, naming=naming))

@@ -1,6 +1,6 @@
 """Starting a run from pretrained weights (``config.init_from``) and freezing parts of it (``config.freeze``).
 
-Parameter paths are the leaves' names joined by "/" without the collection, e.g. ``stage1/0/rbr_dense/bn/scale``
+Parameter paths are the leaves' names joined by "/" without the collection, e.g. ``stage1_0/rbr_dense/bn/scale``
 or ``linear/kernel``; a BatchNorm's statistics (``.../bn/mean``) share their layer's path. ``init_exclude`` and
 ``freeze`` are regular expressions searched in them (big_vision's ``dont_load`` patterns).
 
@@ -29,7 +29,7 @@ FROZEN, TRAINED = "frozen", "trained"
 
 
 def path_name(path) -> str:
-  """A tree_util key path -> "stage1/0/rbr_dense/conv/kernel"."""
+  """A tree_util key path -> "stage1_0/rbr_dense/conv/kernel"."""
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 

@@ -18,10 +18,13 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
 
-from repvgg_jax import cli, families, input_pipeline
+from repvgg_jax import checkpoints, cli, export, families, input_pipeline, run_layout, weights
+from repvgg_jax.families import create_model
+from repvgg_jax.models import given_overrides
 
-ENGINE_FILES = {"onnx": "deploy.onnx", "int8": "deploy_int8.onnx"}
+ENGINE_FILES = {"onnx": run_layout.DEPLOY_ONNX, "int8": run_layout.DEPLOY_INT8_ONNX}
 ENGINES = ("jax",) + tuple(ENGINE_FILES)
 
 
@@ -40,8 +43,6 @@ class Predictor:
 
 
 def _deploy_model(name: str, overrides: dict, num_classes: int):
-  from repvgg_jax.families import create_model  # pylint: disable=g-import-not-at-top
-  from repvgg_jax.models import given_overrides  # pylint: disable=g-import-not-at-top
   return create_model(name, num_classes=num_classes, deploy=True, **given_overrides(overrides))
 
 
@@ -51,7 +52,6 @@ def _jax_logits(model, params) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _onnx_logits(path: str) -> Callable[[np.ndarray], np.ndarray]:
-  from repvgg_jax import export  # pylint: disable=g-import-not-at-top
   try:
     session = export.onnx_session(path)
   except ImportError as e:
@@ -61,23 +61,22 @@ def _onnx_logits(path: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def from_workdir(workdir: str, engine: str = "jax") -> Predictor:
   """The deploy model of the finished run in ``workdir``, run by ``engine`` (one of ``ENGINES``)."""
-  from repvgg_jax import checkpoints, training  # pylint: disable=g-import-not-at-top
-  record_path = os.path.join(workdir, training.INFERENCE_FILE)
+  record_path = run_layout.path(workdir, run_layout.INFERENCE)
   if not os.path.isfile(record_path):
-    raise cli.UserError(f"{workdir} holds no finished run ({training.INFERENCE_FILE}, written when train.py ends, "
+    raise cli.UserError(f"{workdir} holds no finished run ({run_layout.INFERENCE}, written when train.py ends, "
                         "is missing).")
   with open(record_path) as f:
     record = json.load(f)
-  labels_path = os.path.join(workdir, training.LABELS_FILE)
+  labels_path = run_layout.path(workdir, run_layout.LABELS)
   classes = tuple(f"class {i}" for i in range(record["num_classes"]))
   if os.path.isfile(labels_path):
     with open(labels_path) as f:
       classes = tuple(line.rstrip("\n") for line in f)
   if engine == "jax":
     model = _deploy_model(record["model"], record["model_overrides"], record["num_classes"])
-    logits = _jax_logits(model, checkpoints.load_tree(os.path.join(workdir, "deploy")))
+    logits = _jax_logits(model, checkpoints.load_tree(run_layout.path(workdir, run_layout.DEPLOY)))
   else:
-    path = os.path.join(workdir, ENGINE_FILES[engine])
+    path = run_layout.path(workdir, ENGINE_FILES[engine])
     if not os.path.isfile(path):
       make = ("python -m repvgg_jax.quantize --config=<the run's config> --workdir=" + workdir if engine == "int8"
               else "train with export_onnx=True and the onnx extra")
@@ -104,7 +103,6 @@ def from_weights(model: str, path: str, flag: str = "--pth", image_size: int = 2
                  crop_ratio: float = 0.875) -> Predictor:
   """Converted ImageNet weights (a .pth / .safetensors file or an orbax tree, either form) of ``model``;
   ``flag`` names the path in the messages."""
-  from repvgg_jax import weights  # pylint: disable=g-import-not-at-top
   try:
     _deploy_model(model, {}, 1000)
   except ValueError as e:
@@ -150,7 +148,6 @@ def predict(predictor: Predictor, paths: Sequence[str], top_k: int = 5,
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,redefined-outer-name
   flags_ = flags.FLAGS
   images = argv[1:]
   if not images:
@@ -176,7 +173,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "A finished run's workdir (holds inference.json, labels.txt, deploy/).")
   flags.DEFINE_enum("engine", "jax", list(ENGINES), "jax: the deploy params; onnx: deploy.onnx; int8: "
                     "deploy_int8.onnx (both in onnxruntime).")

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from repvgg_jax import checkpoints, cli, equivalence, export, input_pipeline, quantization, steps, training
+from repvgg_jax import checkpoints, cli, equivalence, export, input_pipeline, quantization, run_layout, steps, training
 
 FLAGS = flags.FLAGS
 
@@ -87,7 +87,7 @@ def main(argv):
   config, workdir = FLAGS.config, FLAGS.workdir
   if FLAGS.weight_bits not in (4, 8) or FLAGS.qat_epochs < 0 or FLAGS.calibration_batches < 1:
     raise app.UsageError("--weight_bits must be 8 or 4, --qat_epochs >= 0 and --calibration_batches >= 1.")
-  deploy_dir = os.path.join(workdir, "deploy")
+  deploy_dir = run_layout.path(workdir, run_layout.DEPLOY)
   if not os.path.isdir(deploy_dir):
     raise cli.UserError(f"{deploy_dir} does not exist: quantize a finished run (train.py writes it), or save "
                         "converted deploy params there (python -m repvgg_jax.convert ... --out=<workdir>).")
@@ -128,12 +128,12 @@ def main(argv):
       metrics["onnx_vs_jax"] = quantization.check_int8_onnx(proto, qmodel, params, stats, held_out)
     except equivalence.EquivalenceError as e:
       raise cli.UserError(f"deploy_int8.onnx not written: {e}") from e
-    path = os.path.join(workdir, "deploy_int8.onnx")
+    path = run_layout.path(workdir, run_layout.DEPLOY_INT8_ONNX)
     export.save_onnx(proto, path, source.classes)
     metrics["onnx_int8"] = _onnx_accuracy(export.onnx_session(path), source, config, batch)
     logging.info("Wrote %s: onnxruntime INT8 eval accuracy %.4f; vs JAX %s", path, metrics["onnx_int8"],
                  metrics["onnx_vs_jax"])
-  path = os.path.join(workdir, "int8_metrics.json" if FLAGS.weight_bits == 8 else "w4a8_metrics.json")
+  path = run_layout.path(workdir, run_layout.INT8_METRICS if FLAGS.weight_bits == 8 else run_layout.W4A8_METRICS)
   quantization.write_metrics(path, metrics)
   logging.info("Wrote %s", path)
 

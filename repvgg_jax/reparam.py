@@ -9,15 +9,16 @@ with the 1x1 kernels padded to the centre (``pad_to_center``) and the identity a
 for any groups, depthwise included (``fuse_branches``); a BN after such a sum folds into it too
 (``fuse_bn_after_sum``). Kernels are Flax HWIO arrays.
 
-The entry points (``reparam``, ``fuse_block``) compute at ``Precision.HIGHEST``: a fold that multiplies
+The entry points (``reparam`` and ``fuse_block``, in the registry, ``families``, since they dispatch over every
+family's rules) compute at ``Precision.HIGHEST`` (``at_highest_precision``): a fold that multiplies
 matrices (RepViT's BN + Linear head: ``shift @ kernel``) would otherwise round its operands to bfloat16 on a TPU
 and to TF32 on a GPU, inside ``jax.jit(reparam)`` too: under a CPU emulation of a TPU's precision its bias was
 1.7e-3 of its size off the exact fold, and a short RepViT run failed its own end-of-run check.
 
 Which branches a block has, and under which names, is its family's knowledge: each family's block kinds carry a
 fuse rule (``plan.FuseRule``) composed of the functions here, and ``fuse_layers`` walks a tree layer by layer,
-fusing each layer by the rule that claims it. Nothing here mutates its input or keeps state; ``jax.jit(reparam)``
-works.
+fusing each layer by the rule that claims it. Nothing here knows the registry, mutates its input or keeps state;
+``jax.jit(reparam)`` works.
 """
 
 import functools
@@ -214,7 +215,7 @@ def fuse_layers(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON, 
   return out
 
 
-def _at_highest_precision(fold):
+def at_highest_precision(fold):
   """``fold`` with every matmul and convolution it traces at HIGHEST precision, whatever the backend's default
   (the context is read when each operation is traced, so it holds under ``jax.jit`` too)."""
 
@@ -224,30 +225,3 @@ def _at_highest_precision(fold):
       return fold(*args, **kwargs)
 
   return wrapped
-
-
-@_at_highest_precision
-def fuse_block(block_params: Mapping, block_stats: Mapping, eps: float = BN_EPSILON,
-               path: tuple[str, ...] = ()) -> dict:
-  """One training-time block's params and batch_stats -> the plain block's params, by the fuse rule of the
-  block kind that claims it (every family's, ``families.fuse_rules``): e.g. a RepVGG block {rbr_dense, rbr_1x1,
-  rbr_identity, se} -> {rbr_reparam: {kernel (3,3,I,O), bias (O,)}, se}. ``path`` names the block in errors."""
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports every family's rules.
-  rules = families.fuse_rules()
-  rule = next((r for r in rules if r.claims(block_params)), rules[-1])  # The first family's checks name the problem.
-  return rule.fuse(block_params, block_stats, eps, path)
-
-
-@_at_highest_precision
-def reparam(params: Mapping, batch_stats: Mapping, eps: float = BN_EPSILON) -> dict:
-  """Training-form ``params`` + ``batch_stats`` -> the deploy model's ``params``, exactly, by the fuse rules of
-  the family the tree belongs to (``families.of_params``). Pure and jittable. ``eps`` must equal the BatchNorm
-  epsilon of the trained model. Mismatched or partial trees raise ValueError naming the path.
-  """
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports every family's rules.
-  if not isinstance(params, Mapping) or not isinstance(batch_stats, Mapping):
-    raise ValueError("reparam takes two mappings: variables['params'] and variables['batch_stats'].")
-  if "params" in params:
-    raise ValueError("reparam got a whole variables dict; call reparam(variables['params'], "
-                     "variables['batch_stats']).")
-  return families.of_params(params).reparam(params, batch_stats, eps)

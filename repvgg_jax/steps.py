@@ -107,7 +107,7 @@ AUX_LOSS_WEIGHT = 0.1  # RepVGGplus's auxiliary heads (official main.py: 0.1 x e
 def train_step(state: TrainState, batch: dict, *, learning_rate: optax.Schedule, num_classes: int,
                label_smoothing: float = 0.0, mixup_alpha: float = 0.0, ema_decay: float = 0.0,
                aux_loss_weight: float = 0.0, frozen: tuple[str, ...] = (), axis_name: str = AXIS):
-  """One SGD step on this device's share of the batch. batch: image (n, H, W, C), label (n,).
+  """One optimizer step (the state's ``tx``: SGD or AdamW) on this device's share of the batch. batch: image (n, H, W, C), label (n,).
   ``aux_loss_weight`` > 0: the model has auxiliary heads (RepVGGplus), whose losses join the main one so
   weighted; the reported loss and accuracy stay the main head's. ``frozen``: ``config.freeze``'s patterns, whose
   BatchNorms run on their running statistics (``finetune``); the optimizer leaves their parameters alone."""

@@ -1,4 +1,4 @@
-"""PyTorch state_dict <-> Flax variables, for every family by its namings (``plan.Family.namings``: RepVGG
+"""PyTorch state_dict <-> Flax variables, for a family by its namings (``plan.Family.namings``: RepVGG
 DingXiaoH's "official" and timm's, MobileOne apple/ml-mobileone's and timm's, QARepVGG cxxgtxy/QARepVGG's,
 RepVGGplus DingXiaoH's, RepViT timm's).
 
@@ -6,6 +6,7 @@ A naming maps each Flax leaf to its key; the loader finds the naming and form (t
 the state_dict holds, and loads strictly: every missing or unexpected key and every shape mismatch is a ValueError
 listing them, because silently keeping random weights for a misspelt key is the most reported bug of the official
 loader. PyTorch conv kernels are OIHW and Linear weights (out, in); Flax kernels are HWIO and (in, out).
+The functions here take the family's record; the registry (``families``) finds it for a name or a tree.
 """
 
 import dataclasses
@@ -121,24 +122,9 @@ def _leaf_names(family, name: str, deploy: bool, overrides) -> list[tuple[str, .
   return [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(dict(shapes))[0]]
 
 
-def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
-                            deploy: Optional[bool] = None, **overrides) -> dict:
-  """A PyTorch state_dict of an official variant, in one of its family's namings and either form -> Flax
-  variables.
-
-  Args:
-    state_dict: key -> torch tensor or numpy array; a ``module.`` prefix (DDP) is stripped and
-      ``num_batches_tracked`` buffers are ignored.
-    name: the official variant name, e.g. "RepVGG-A0", "MobileOne-S0" or "RepViT-M0.9".
-    num_classes: the head size; None reads it from the checkpoint.
-    deploy: expected form; None detects it from the keys. A mismatch is an error.
-    **overrides: passed to ``create_model``.
-  Returns:
-    ``{"params": ..., "batch_stats": ...}`` for ``create_model(name, deploy=False)``, or ``{"params": ...}``
-    for the deploy form.
-  """
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports the families.
-  family = families.family_of(name)
+def from_state_dict(family, state_dict: Mapping[str, Any], name: str, *, num_classes: Optional[int] = None,
+                    deploy: Optional[bool] = None, **overrides) -> dict:
+  """``families.load_pytorch_state_dict`` for the variant ``name`` of ``family`` (its ``plan.Family`` record)."""
   state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()
                 if not k.endswith(_IGNORED_SUFFIX)}
   # The naming and form whose keys the state_dict holds most of; the strict check below names what differs.
@@ -169,17 +155,10 @@ def load_pytorch_state_dict(state_dict: Mapping[str, Any], name: str, *, num_cla
                         f"The state_dict ({label} naming, {form}) does not match {name}", naming.absent)
 
 
-def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict[str, np.ndarray]:
-  """Flax variables (training-time or deploy) -> a state_dict of numpy arrays in PyTorch layout and one of the
-  family's namings ("official": DingXiaoH's for RepVGG and RepVGGplus, cxxgtxy/QARepVGG's for QARepVGG,
-  apple/ml-mobileone's for MobileOne; "timm": RepVGG, MobileOne and RepViT, whose only naming it is); no torch
-  needed (``safetensors.numpy.save_file`` writes it). BatchNorm layers get the ``num_batches_tracked`` buffer
-  (int64 0) PyTorch expects, so ``load_state_dict`` is strict.
-  """
-  from repvgg_jax import families  # pylint: disable=g-import-not-at-top  # The registry imports the families.
+def to_state_dict(family, variables: Mapping, naming: str) -> dict[str, np.ndarray]:
+  """``families.to_numpy_state_dict`` for variables of ``family`` (its ``plan.Family`` record)."""
   if naming not in ("official", "timm"):
     raise ValueError(f"naming must be 'official' or 'timm'; got {naming!r}.")
-  family = families.of_params(variables["params"])
   if naming not in family.namings:
     title, other = family.network.__name__, next(iter(family.namings))
     raise ValueError(f"timm has no {title}: use naming={other!r}." if naming == "timm" else
@@ -189,13 +168,8 @@ def to_numpy_state_dict(variables: Mapping, *, naming: str = "official") -> dict
   return state_dict_of(variables, lambda names: chosen.key(names, deploy), chosen.linear)
 
 
-def to_pytorch_state_dict(variables: Mapping, *, naming: str = "official") -> dict:
-  """``to_numpy_state_dict`` as torch tensors, for ``torch.save`` and ``load_state_dict``."""
-  return as_torch(to_numpy_state_dict(variables, naming=naming))
-
-
 def as_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
-  """A numpy state_dict (``to_numpy_state_dict``) as torch tensors sharing its memory."""
+  """A numpy state_dict (``to_state_dict``) as torch tensors sharing its memory."""
   import torch  # pylint: disable=g-import-not-at-top
 
   return {k: torch.from_numpy(v) for k, v in state_dict.items()}

@@ -1,5 +1,6 @@
 """The training loop: data-parallel training of RepVGG, ending in a re-parameterized, verified, evaluated
-deploy model. The steps it runs are in ``steps``; the data in ``input_pipeline`` (the only TensorFlow user).
+deploy model. The steps it runs are in ``steps``; the data in ``input_pipeline`` (tf.data); the run directory's
+names in ``run_layout``.
 """
 
 import contextlib
@@ -16,19 +17,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, workdir_lock
+from repvgg_jax import checkpoints, export, finetune, input_pipeline, preemption, run_layout, workdir_lock
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.errors import ConfigError
-from repvgg_jax.families import create_model
+from repvgg_jax.families import create_model, reparam
 from repvgg_jax.models import given_overrides
-from repvgg_jax.reparam import reparam
 from repvgg_jax.steps import (AUX_LOSS_WEIGHT, AXIS, OPTIMIZERS, TrainState, create_optimizer, create_train_state,
                               eval_step, first_non_finite, learning_rate_schedule, prefetch_to_device, replicate,
                               shard, train_step, unreplicate, weight_decay_schedule)
 
 
-LABELS_FILE = "labels.txt"  # The class names of the run's labels, one per line in label order.
-INFERENCE_FILE = "inference.json"  # What the deploy model needs at inference (``inference_record``).
 
 
 # --------------------------------------------------------------------------- Set-up and checks.
@@ -91,8 +89,8 @@ class MetricWriter:
     if self.active:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._tb = tf.summary.create_file_writer(run_layout.path(workdir, run_layout.TENSORBOARD))
+      self._path = run_layout.path(workdir, run_layout.METRICS)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.active:
@@ -204,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # clean-up must not outlive an error).
   with workdir_lock.hold(workdir), contextlib.ExitStack() as cleanup:
     if source.classes and jax.process_index() == 0:  # Inside the lock: a refused run must not rewrite them.
-      with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+      with open(run_layout.path(workdir, run_layout.LABELS), "w") as f:
         f.write("".join(f"{name}\n" for name in source.classes))
     record = run_record(config, source.num_classes, image_shape, abstract_state)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
@@ -332,16 +330,16 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   deploy_metrics = evaluate(deploy_step, replicate({"params": deploy_params}),
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
-  checkpoints.save_tree(os.path.join(workdir, "deploy"), jax.device_get(deploy_params))  # orbax: host 0 writes.
+  checkpoints.save_tree(run_layout.path(workdir, run_layout.DEPLOY), jax.device_get(deploy_params))  # orbax: host 0 writes.
   onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"], source.classes)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, INFERENCE_FILE), "w") as f:
+    with open(run_layout.path(workdir, run_layout.INFERENCE), "w") as f:
       json.dump(inference_record(config, source), f, indent=1)
   train_accuracy = eval_metrics["accuracy"] if eval_metrics else float("nan")
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f, top-5 %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
                deploy_metrics["accuracy"], deploy_metrics["top5_accuracy"], deploy_metrics["count"],
-               os.path.join(workdir, "deploy"))
+               run_layout.path(workdir, run_layout.DEPLOY))
   writer.write(step, "deploy", {**deploy_metrics, "train_form_accuracy": train_accuracy,
                                 "max_relative_error": max_rel_error})
   return {"step": step, "train_form_accuracy": train_accuracy, "deploy_accuracy": deploy_metrics["accuracy"],
@@ -368,7 +366,7 @@ def write_onnx(config, workdir: str, deploy_model, deploy_params, images, labels
   except ImportError:
     logging.warning("deploy.onnx not written: pip install 'repvgg-jax[onnx]' (or set export_onnx=False).")
     return None
-  path = os.path.join(workdir, "deploy.onnx")
+  path = run_layout.path(workdir, run_layout.DEPLOY_ONNX)
   error = export.save_checked_onnx(deploy_model, jax.device_get(deploy_params), images, path, labels)
   logging.info("Exported %s: onnxruntime matches the JAX deploy logits to %.2e.", path, error)
   return error

@@ -13,10 +13,8 @@ import orbax.checkpoint as ocp
 
 from repvgg_jax import checkpoints, cli
 from repvgg_jax.equivalence import check_equivalence
-from repvgg_jax.families import create_model, num_classes
+from repvgg_jax.families import create_model, load_pytorch_state_dict, num_classes, reparam
 from repvgg_jax.models import check_variables, input_channels
-from repvgg_jax.reparam import reparam
-from repvgg_jax.torch_weights import load_pytorch_state_dict
 
 NEEDS_TORCH = ("a .pth file needs torch (pip install 'repvgg-jax[torch]'); .safetensors files need no torch "
                "(timm's hub files are .safetensors).")

@@ -19,9 +19,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from repvgg_jax import run_layout
 from repvgg_jax.checkpoints import CheckpointError
 
-LOCK_FILE = ".lock"
+LOCK_FILE = run_layout.LOCK
 
 
 class WorkdirInUse(CheckpointError):

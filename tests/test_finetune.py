@@ -13,8 +13,7 @@ import pytest
 
 import repvgg_jax as rv
 from repvgg_jax import checkpoints, cli, finetune, input_pipeline, steps, training, weights
-from repvgg_jax.reparam import reparam
-from repvgg_jax.torch_weights import to_numpy_state_dict
+from repvgg_jax.families import reparam, to_numpy_state_dict
 from tests.helpers import random_like, write_image_folder
 from tests.test_training import tiny_config
 

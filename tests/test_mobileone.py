@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
 from repvgg_jax import mobileone, models
-from repvgg_jax.reparam import fuse_block
+from repvgg_jax.families import fuse_block
 from tests import wellposed
 from tests.helpers import MOBILEONE_SCALES, numpy_bn, numpy_conv, random_variables, randomize_torch_batchnorms
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax import export, input_pipeline, predict, training
+from repvgg_jax import export, input_pipeline, predict, run_layout, training
 from tests.helpers import random_variables
 from tests.test_training import tiny_config, tiny_flags
 
@@ -66,7 +66,7 @@ def run(tmp_path_factory):
 def test_a_run_names_its_classes_in_labels_txt_and_in_both_onnx_files(run):
   onnx = pytest.importorskip("onnx")
   workdir, _, _ = run
-  assert open(os.path.join(workdir, training.LABELS_FILE)).read() == "blue\ngreen\nred\n"
+  assert open(os.path.join(workdir, run_layout.LABELS)).read() == "blue\ngreen\nred\n"
   for name in ("deploy.onnx", "deploy_int8.onnx"):
     props = {p.key: p.value for p in onnx.load(os.path.join(workdir, name)).metadata_props}
     assert json.loads(props[export.LABELS_KEY]) == ["blue", "green", "red"]

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import repvgg_jax as rv
 from repvgg_jax import models, qarepvgg
-from repvgg_jax.reparam import fuse_block, fuse_bn_after_sum
+from repvgg_jax.families import fuse_block
+from repvgg_jax.reparam import fuse_bn_after_sum
 from tests.helpers import numpy_bn, numpy_conv, random_variables
 
 EXACT_F64 = 1e-10

@@ -10,7 +10,8 @@ from jax import lax
 
 import repvgg_jax as rv
 from repvgg_jax import models, repvgg
-from repvgg_jax.reparam import fuse_bn, fuse_block, identity_kernel, pad_1x1_to_3x3, reparam
+from repvgg_jax.families import fuse_block, reparam
+from repvgg_jax.reparam import fuse_bn, identity_kernel, pad_1x1_to_3x3
 from tests.helpers import (FAMILY_TREES, FLOAT32_FOLD, float64_fold, leaf_errors, numpy_block, numpy_conv,
                            random_variables)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax.torch_weights import load_pytorch_state_dict, to_pytorch_state_dict
+from repvgg_jax.families import load_pytorch_state_dict, to_pytorch_state_dict
 from tests import wellposed
 from tests.helpers import randomize_torch_batchnorms
 

@@ -167,8 +167,8 @@ def test_model_overrides_offer_every_override_create_model_accepts():
   from repvgg_jax import families  # pylint: disable=g-import-not-at-top
   accepted = set().union(*(family.overridable for family in families.FAMILIES))
   offered = set(default.get_config().model_overrides.keys())
-  # The loop sets the axis of its own pmap; the name says QARepVGG (quantization_friendly).
-  assert offered == accepted - {"bn_axis_name", "quantization_friendly"}
+  # The loop sets the axis of its own pmap.
+  assert offered == accepted - {"bn_axis_name"}
   config = quickstart.get_config()
   config.model = "RepVGGplus-L2pse"
   config.model_overrides.use_post_se = False
