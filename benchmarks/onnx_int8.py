@@ -28,7 +28,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from repvgg_jax import bench, checkpoints, export, input_pipeline, training  # pylint: disable=wrong-import-position
+from repvgg_jax import bench, checkpoints, export, input_pipeline, run_layout, training  # pylint: disable=wrong-import-position
 
 
 OURS = "ours (int8, 7-bit weights)"  # python -m repvgg_jax.quantize's graph (quantization.py's scheme).
@@ -147,14 +147,14 @@ def main():
   config = module.get_config()
   source = input_pipeline.get_source(config.dataset, config.data_dir)
   deploy = training.model_from_config(config, source.num_classes, deploy=True)
-  params = checkpoints.load_tree(os.path.join(args.workdir, "deploy"))
+  params = checkpoints.load_tree(run_layout.path(args.workdir, run_layout.DEPLOY))
   threads = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, "fp32.onnx")
     export.to_onnx(deploy, params, fp32)
     paths = {"float32": fp32, **onnxruntime_ptq(fp32, tmp, lambda: Calibration(
         images for images, _, _ in batches(source, config, "train", 64, args.calibration_batches)))}
-    ours = os.path.join(args.workdir, "deploy_int8.onnx")  # python -m repvgg_jax.quantize's graph, if written.
+    ours = run_layout.path(args.workdir, run_layout.DEPLOY_INT8_ONNX)  # python -m repvgg_jax.quantize's graph, if written.
     if os.path.exists(ours):
       paths[OURS] = ours
     sessions = {name: export.onnx_session(path, threads) for name, path in paths.items()}

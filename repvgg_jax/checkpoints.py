@@ -23,7 +23,6 @@ from repvgg_jax import run_layout
 from repvgg_jax.errors import CheckpointError
 
 STATE, META = "state", "meta"
-CHECKPOINTS = run_layout.CHECKPOINTS  # <workdir>/checkpoints/<step>
 DAMAGED = "checkpoints_damaged"  # Beside ``checkpoints``: orbax must not see set-aside steps as its own.
 FREE_SPACE_FACTOR = 2  # A save writes the new checkpoint before the policy deletes an old one.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <path><TMP_SUFFIX>... and renames it to <path> when whole.
@@ -35,7 +34,7 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False),
   ])
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  directory = os.path.join(os.path.abspath(workdir), run_layout.CHECKPOINTS)
   # The partial write of a save a kill -9 interrupted, removed here rather than by orbax's
   # cleanup_tmp_directories: that runs in a thread which close() does not wait for, and which fails the
   # interpreter's shutdown when a run stops on an error right after it started.
@@ -51,7 +50,7 @@ def reader(workdir: str) -> ocp.CheckpointManager:
   level = logger.level  # Restored as it was (NOTSET included), so that the run's own INFO lines still show.
   logger.setLevel("ERROR")
   try:
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), run_layout.CHECKPOINTS),
                                  options=ocp.CheckpointManagerOptions(read_only=True), item_names=(STATE, META))
   finally:
     logger.setLevel(level)

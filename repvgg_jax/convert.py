@@ -43,8 +43,9 @@ def write_orbax(variables: dict, deploy_params: dict, out: str) -> list[str]:
   if "batch_stats" in variables:
     checkpoints.save_tree(os.path.join(out, "train"), jax.device_get(variables))
     written.append(os.path.join(out, "train"))
-  checkpoints.save_tree(run_layout.path(out, run_layout.DEPLOY), jax.device_get(deploy_params))
-  return written + [run_layout.path(out, run_layout.DEPLOY)]
+  deploy_dir = run_layout.path(out, run_layout.DEPLOY)
+  checkpoints.save_tree(deploy_dir, jax.device_get(deploy_params))
+  return written + [deploy_dir]
 
 
 def write_pth(model: str, variables: dict, to_pth: str, naming: str = "official") -> None:

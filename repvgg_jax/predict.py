@@ -21,7 +21,6 @@ import tensorflow as tf
 from absl import app, flags
 
 from repvgg_jax import checkpoints, cli, export, families, input_pipeline, run_layout, weights
-from repvgg_jax.families import create_model
 from repvgg_jax.models import given_overrides
 
 ENGINE_FILES = {"onnx": run_layout.DEPLOY_ONNX, "int8": run_layout.DEPLOY_INT8_ONNX}
@@ -43,7 +42,7 @@ class Predictor:
 
 
 def _deploy_model(name: str, overrides: dict, num_classes: int):
-  return create_model(name, num_classes=num_classes, deploy=True, **given_overrides(overrides))
+  return families.create_model(name, num_classes=num_classes, deploy=True, **given_overrides(overrides))
 
 
 def _jax_logits(model, params) -> Callable[[np.ndarray], np.ndarray]:

@@ -374,8 +374,8 @@ def write_metrics(path: str, metrics: Mapping[str, Any]) -> None:
 
 # onnxruntime multiplies the same integers, but its bias is int32 at the input scale times the weight scale and its
 # requantization fixed-point, so a few activations that sit near a rounding edge land one step apart; in a deep
-# net these steps add up. The bound is on what a user sees: the
-# same predicted class on held-out images, and logits within a fraction of their spread.
+# net these steps add up. The bound is on what a user sees: the same predicted class on held-out images, and logits
+# within a fraction of their spread.
 ONNX_ARGMAX_AGREEMENT = 0.98
 ONNX_SPREAD_FRACTION = 0.1
 

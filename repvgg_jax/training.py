@@ -330,7 +330,8 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   deploy_metrics = evaluate(deploy_step, replicate({"params": deploy_params}),
                             input_pipeline.eval_batches(source, full_eval, local_batch))
   step = int(state.step)
-  checkpoints.save_tree(run_layout.path(workdir, run_layout.DEPLOY), jax.device_get(deploy_params))  # orbax: host 0 writes.
+  deploy_dir = run_layout.path(workdir, run_layout.DEPLOY)
+  checkpoints.save_tree(deploy_dir, jax.device_get(deploy_params))  # orbax: host 0 writes.
   onnx_error = write_onnx(config, workdir, deploy_model, deploy_params, held_out["image"], source.classes)
   if jax.process_index() == 0:
     with open(run_layout.path(workdir, run_layout.INFERENCE), "w") as f:
@@ -339,7 +340,7 @@ def finish(config, workdir: str, source, state: TrainState, eval_metrics: Option
   logging.info("Re-parameterized: max relative logit error %.2e. Eval accuracy: training form %.4f, deploy "
                "form %.4f, top-5 %.4f (%d images). Deploy params saved to %s.", max_rel_error, train_accuracy,
                deploy_metrics["accuracy"], deploy_metrics["top5_accuracy"], deploy_metrics["count"],
-               run_layout.path(workdir, run_layout.DEPLOY))
+               deploy_dir)
   writer.write(step, "deploy", {**deploy_metrics, "train_form_accuracy": train_accuracy,
                                 "max_relative_error": max_rel_error})
   return {"step": step, "train_form_accuracy": train_accuracy, "deploy_accuracy": deploy_metrics["accuracy"],

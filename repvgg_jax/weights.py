@@ -11,7 +11,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from repvgg_jax import checkpoints, cli
+from repvgg_jax import checkpoints, cli, run_layout
 from repvgg_jax.equivalence import check_equivalence
 from repvgg_jax.families import create_model, load_pytorch_state_dict, num_classes, reparam
 from repvgg_jax.models import check_variables, input_channels
@@ -84,7 +84,7 @@ def load_orbax(model: str, orbax_path: str, flag: str = "--orbax", **overrides) 
 
 def is_workdir(path: str) -> bool:
   """Whether ``path`` is a training run's workdir (it holds ``checkpoints/``)."""
-  return os.path.isdir(os.path.join(path, checkpoints.CHECKPOINTS))
+  return os.path.isdir(run_layout.path(path, run_layout.CHECKPOINTS))
 
 
 def load_workdir(model: str, workdir: str, flag: str = "--workdir", **overrides) -> dict:

@@ -22,7 +22,6 @@ from jax.experimental import multihost_utils
 from repvgg_jax import run_layout
 from repvgg_jax.checkpoints import CheckpointError
 
-LOCK_FILE = run_layout.LOCK
 
 
 class WorkdirInUse(CheckpointError):
@@ -42,7 +41,7 @@ def _holder(fd: int) -> str:
 
 def _acquire(workdir: str) -> int | None:
   """The locked file's descriptor; None where the filesystem has no locks. Raises WorkdirInUse."""
-  path = os.path.join(workdir, LOCK_FILE)
+  path = run_layout.path(workdir, run_layout.LOCK)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

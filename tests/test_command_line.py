@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from repvgg_jax import workdir_lock
+from repvgg_jax import run_layout, workdir_lock
 from tests.test_training import tiny_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +131,7 @@ def test_the_cases_cover_every_name(outcomes):
 
 def test_a_lock_left_by_a_killed_run_does_not_block_the_restart(outcomes):
   held = str(outcomes[0] / "held")
-  assert "pid" in open(os.path.join(held, workdir_lock.LOCK_FILE)).read()  # The dead run's record is still there.
+  assert "pid" in open(os.path.join(held, run_layout.LOCK)).read()  # The dead run's record is still there.
   start = time.time()
   with workdir_lock.hold(held):
     with pytest.raises(workdir_lock.WorkdirInUse, match=f"pid {os.getpid()} on host"):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import repvgg_jax as rv
-from repvgg_jax import checkpoints, cli, finetune, input_pipeline, steps, training, weights
+from repvgg_jax import checkpoints, cli, finetune, input_pipeline, run_layout, steps, training, weights
 from repvgg_jax.families import reparam, to_numpy_state_dict
 from tests.helpers import random_like, write_image_folder
 from tests.test_training import tiny_config
@@ -155,7 +155,7 @@ def test_bad_initial_weights_or_patterns_are_one_error_before_training(make, mes
   with pytest.raises((cli.UserError, training.ConfigError)) as error:
     training.train_and_evaluate(config, str(workdir))
   assert message.format(tmp=tmp_path) in str(error.value)
-  assert not (workdir / checkpoints.CHECKPOINTS).exists() or not list((workdir / checkpoints.CHECKPOINTS).iterdir())
+  assert not (workdir / run_layout.CHECKPOINTS).exists() or not list((workdir / run_layout.CHECKPOINTS).iterdir())
 
 
 # --------------------------------------------------------------------------- freeze.
